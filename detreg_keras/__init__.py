@@ -1,0 +1,66 @@
+"""detreg-keras: Determinant Regularization for Deep Metric Learning on Keras 3.
+
+The package implements the dueling normalizing-flow metric heads, the
+determinant regularizer (paper Eq. 6, 7 and 10), between-sample augmentation,
+Proxy Anchor and the training recipe of "Determinant Regularization for Deep
+Metric Learning", with retrieval metrics and export paths.
+
+Importing the package registers every custom layer and model with Keras, so
+``keras.models.load_model("model.keras")`` works after ``import detreg_keras``.
+"""
+
+from __future__ import annotations
+
+from detreg_keras._backend import ensure_tensorflow_backend
+
+ensure_tensorflow_backend()
+
+# The imports below register the custom objects with Keras serialization.
+from detreg_keras import augment, backbones, flows, losses, metrics, optim, regularizers  # noqa: E402
+from detreg_keras.augment import between_sample_augment  # noqa: E402
+from detreg_keras.backbones import ImagePreprocessing, build_backbone  # noqa: E402
+from detreg_keras.flows import (  # noqa: E402
+    AdditiveCoupling,
+    AffineCoupling,
+    DiagonalScale,
+    NICEFlow,
+    RealNVPFlow,
+    build_flow,
+)
+from detreg_keras.losses import DMLLoss, ProxyAnchorLoss, proxy_anchor_loss  # noqa: E402
+from detreg_keras.metrics import evaluate_embeddings, recall_at_k  # noqa: E402
+from detreg_keras.model import DRegModel, EmbeddingHead  # noqa: E402
+from detreg_keras.optim import GroupAdamW, make_optimizer  # noqa: E402
+from detreg_keras.regularizers import DeterminantRegularizer, determinant_regularizer  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdditiveCoupling",
+    "AffineCoupling",
+    "DMLLoss",
+    "DRegModel",
+    "DeterminantRegularizer",
+    "DiagonalScale",
+    "EmbeddingHead",
+    "GroupAdamW",
+    "ImagePreprocessing",
+    "NICEFlow",
+    "ProxyAnchorLoss",
+    "RealNVPFlow",
+    "augment",
+    "backbones",
+    "between_sample_augment",
+    "build_backbone",
+    "build_flow",
+    "determinant_regularizer",
+    "evaluate_embeddings",
+    "flows",
+    "losses",
+    "make_optimizer",
+    "metrics",
+    "optim",
+    "proxy_anchor_loss",
+    "recall_at_k",
+    "regularizers",
+]

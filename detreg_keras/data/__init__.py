@@ -1,0 +1,91 @@
+"""Datasets and input pipelines for deep metric learning.
+
+* :mod:`~detreg_keras.data.splits`: class-disjoint splits, contiguous label maps.
+* :mod:`~detreg_keras.data.records`: :class:`ImageRecords`, labelled encoded images.
+* :mod:`~detreg_keras.data.folders`: class-per-folder loader (directory or zip),
+  Omniglot.
+* :mod:`~detreg_keras.data.tfds_loaders`: CUB-200-2011, Cars196, SOP (tfds), In-shop.
+* :mod:`~detreg_keras.data.sampling`: m-per-class and random batch samplers.
+* :mod:`~detreg_keras.data.pipeline`: decoding, augmentation, tf.data pipelines.
+"""
+
+from __future__ import annotations
+
+from detreg_keras.data.digits import load_digits_split
+from detreg_keras.data.folders import (
+    IMAGE_EXTENSIONS,
+    OMNIGLOT_TEST_ALPHABETS,
+    check_image_bytes,
+    load_image_folder,
+    load_omniglot,
+)
+from detreg_keras.data.pipeline import (
+    DecodeStats,
+    decode_image,
+    decode_train_transform,
+    ensure_rgb,
+    eval_transform,
+    make_eval_dataset,
+    make_train_dataset,
+    random_resized_crop_box,
+    records_from_dataset,
+    train_transform,
+)
+from detreg_keras.data.records import CorruptImageWarning, ImageRecords
+from detreg_keras.data.sampling import (
+    MPerClassSampler,
+    RandomSampler,
+    index_dataset,
+    m_per_class_steps,
+)
+from detreg_keras.data.splits import (
+    ClassSplit,
+    LabelMap,
+    carve_validation_classes,
+    remap_labels,
+    split_classes,
+)
+from detreg_keras.data.tfds_loaders import (
+    DMLDatasets,
+    InShopRecords,
+    load_cars196,
+    load_cub200,
+    load_inshop,
+    load_sop,
+)
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "OMNIGLOT_TEST_ALPHABETS",
+    "ClassSplit",
+    "CorruptImageWarning",
+    "DMLDatasets",
+    "DecodeStats",
+    "ImageRecords",
+    "InShopRecords",
+    "LabelMap",
+    "MPerClassSampler",
+    "RandomSampler",
+    "carve_validation_classes",
+    "check_image_bytes",
+    "decode_image",
+    "decode_train_transform",
+    "ensure_rgb",
+    "eval_transform",
+    "index_dataset",
+    "load_cars196",
+    "load_digits_split",
+    "load_cub200",
+    "load_image_folder",
+    "load_inshop",
+    "load_omniglot",
+    "load_sop",
+    "m_per_class_steps",
+    "make_eval_dataset",
+    "make_train_dataset",
+    "random_resized_crop_box",
+    "records_from_dataset",
+    "remap_labels",
+    "split_classes",
+    "train_transform",
+]

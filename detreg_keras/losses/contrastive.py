@@ -1,0 +1,94 @@
+"""Contrastive loss (Hadsell, Chopra & LeCun, CVPR 2006), pytorch-metric-learning form.
+
+With Euclidean distances ``d_ij = ||x̂_i - x̂_j||`` between L2-normalised
+embeddings, positive pairs ``P`` (same label, ``i != j``) and negative pairs
+``N`` (different labels), over ordered pairs:
+
+    ℓ⁺_ij = [d_ij - m⁺]_+^p          (i, j) ∈ P
+    ℓ⁻_ij = [m⁻ - d_ij]_+^p          (i, j) ∈ N
+    L = Σ_P ℓ⁺ / |{ℓ⁺ > 0}| + Σ_N ℓ⁻ / |{ℓ⁻ > 0}|
+
+Each term is averaged over its *non-zero* pairs (PML's ``AvgNonZeroReducer``)
+and is 0 when no pair is active. Defaults are pytorch-metric-learning's
+``ContrastiveLoss``: ``pos_margin = 0``, ``neg_margin = 1`` on non-squared
+distances, ``power = 1``; Hadsell et al.'s original squared form is ``power=2``.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from detreg_keras.losses import _pairs
+from detreg_keras.losses.base import DMLLoss
+
+
+def contrastive_loss(
+    embeddings: tf.Tensor,
+    labels: tf.Tensor,
+    pos_margin: float = 0.0,
+    neg_margin: float = 1.0,
+    power: float = 1.0,
+) -> tf.Tensor:
+    """Contrastive loss of a batch (see the module docstring for the formula).
+
+    Args:
+        embeddings: ``[B, D]`` embeddings (normalised inside).
+        labels: ``[B]`` integer labels.
+        pos_margin: ``m⁺``, distance under which positive pairs cost nothing (PML: 0).
+        neg_margin: ``m⁻``, distance over which negative pairs cost nothing (PML: 1).
+        power: exponent ``p`` of each pair's hinge (PML: 1; Hadsell et al.: 2).
+
+    Returns:
+        Scalar loss; 0 for a batch without any active pair.
+    """
+    labels = _pairs.flat_labels(labels)
+    dist = _pairs.pairwise_distance(embeddings)
+    pos_loss = tf.nn.relu(dist - pos_margin)
+    neg_loss = tf.nn.relu(neg_margin - dist)
+    if power != 1.0:
+        pos_loss = tf.pow(pos_loss, power)
+        neg_loss = tf.pow(neg_loss, power)
+    pos_term = _pairs.mean_over_nonzero(pos_loss, _pairs.positive_mask(labels))
+    neg_term = _pairs.mean_over_nonzero(neg_loss, _pairs.negative_mask(labels))
+    return pos_term + neg_term
+
+
+@keras.saving.register_keras_serializable(package="detreg_keras")
+class ContrastiveLoss(DMLLoss):
+    """Keras wrapper of :func:`contrastive_loss` (registry name ``"contrastive"``).
+
+    Args:
+        num_classes: unused (pair-based), kept for the common interface.
+        embedding_dim: unused (pair-based), kept for the common interface.
+        pos_margin: ``m⁺`` (default 0, PML).
+        neg_margin: ``m⁻`` on Euclidean distances of unit vectors (default 1, PML).
+        power: hinge exponent (default 1, PML).
+        **kwargs: passed to :class:`DMLLoss`.
+    """
+
+    metric_name = "contrastive_loss"
+
+    def __init__(
+        self,
+        num_classes: int | None = None,
+        embedding_dim: int | None = None,
+        pos_margin: float = 0.0,
+        neg_margin: float = 1.0,
+        power: float = 1.0,
+        **kwargs,
+    ):
+        super().__init__(num_classes=num_classes, embedding_dim=embedding_dim, **kwargs)
+        self.pos_margin = float(pos_margin)
+        self.neg_margin = float(neg_margin)
+        self.power = float(power)
+
+    def compute(self, embeddings, labels):
+        return contrastive_loss(
+            embeddings, labels, pos_margin=self.pos_margin, neg_margin=self.neg_margin, power=self.power
+        )
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update({"pos_margin": self.pos_margin, "neg_margin": self.neg_margin, "power": self.power})
+        return config

@@ -1,0 +1,454 @@
+"""``DRegModel``: backbone → embedding → dueling flow heads, trained with Eq. 11.
+
+Architecture (paper Fig. 2 and Sec. 5.2)::
+
+    images (raw pixels) ─ backbone ─ GAP+GMP ─ Dense(512) = z ─┬─ flow_min ─ L2 ─ e1  (inference)
+                                                               └─ flow_max ─ L2 ─ e2  (training only)
+
+Training objective (Eq. 11), each head with its own proxies::
+
+    L = DML(e1) + DML(e2) + λ1·R(Z1) − λ2·R(Z2)
+
+where ``Z`` holds the batch features ``z`` and the augmented points
+``z_ij = z_i + ε (z_j − z_i)`` (:mod:`detreg_keras.augment`), which enter the
+regulariser ``R`` (:mod:`detreg_keras.regularizers`) but not the DML loss.
+
+``call()`` returns the L2-normalised output of the minimising head, the
+embedding used for retrieval. Switches: ``dueling=False`` keeps one head and
+the ``+λ1·R(Z1)`` term; ``lambda_min = lambda_max = 0`` trains the same
+architecture without regularisation; ``flow="none"`` is the plain Proxy Anchor
+baseline on the same backbone and embedding.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import keras
+import tensorflow as tf
+
+from detreg_keras import losses as dml_losses
+from detreg_keras.augment import between_sample_augment
+from detreg_keras.backbones import build_backbone
+from detreg_keras.flows import build_flow
+from detreg_keras.optim import make_optimizer
+from detreg_keras.regularizers import DeterminantRegularizer
+
+_PACKAGE = "detreg_keras"
+
+
+def l2_normalize(x: tf.Tensor) -> tf.Tensor:
+    """Row-wise L2 normalisation (stable at 0)."""
+    return tf.math.l2_normalize(x, axis=-1, epsilon=1e-12)
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class EmbeddingHead(keras.layers.Layer):
+    """Global average + global max pooling (summed) and a Dense projection to ``embedding_dim``.
+
+    This is the embedding layer of the official Proxy Anchor code: the Dense
+    kernel is initialised with ``kaiming_normal(mode='fan_out')``. A rank-2
+    input (a backbone that already pools, or item features) skips the pooling.
+
+    Args:
+        embedding_dim: output dimension (paper: 512).
+        activation: optional activation after the projection (the paper adds
+            "an activation layer for the connection to the deep metric layers"
+            without naming it; default ``None``).
+    """
+
+    def __init__(self, embedding_dim: int = 512, activation: str | None = None, **kwargs):
+        super().__init__(**kwargs)
+        if int(embedding_dim) < 2:
+            raise ValueError(f"embedding_dim must be >= 2 (flows split it in halves), got {embedding_dim}.")
+        self.embedding_dim = int(embedding_dim)
+        self.activation = activation
+        self.dense = keras.layers.Dense(
+            self.embedding_dim,
+            activation=activation,
+            kernel_initializer=keras.initializers.VarianceScaling(2.0, "fan_out", "untruncated_normal"),
+            name="dense",
+            dtype=self.dtype_policy,
+        )
+
+    def build(self, input_shape):
+        if len(input_shape) not in (2, 4):
+            raise ValueError(f"EmbeddingHead expects [B, h, w, C] or [B, C] features, got shape {input_shape}.")
+        self.dense.build((None, input_shape[-1]))
+        self.built = True
+
+    def call(self, features):
+        if len(features.shape) == 4:
+            features = tf.reduce_mean(features, axis=[1, 2]) + tf.reduce_max(features, axis=[1, 2])
+        return self.dense(features)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.embedding_dim)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update({"embedding_dim": self.embedding_dim, "activation": self.activation})
+        return config
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class DRegModel(keras.Model):
+    """Deep metric model with dueling normalizing-flow heads and determinant regularisation.
+
+    Args:
+        num_classes: number of training classes; labels must lie in ``[0, num_classes)``.
+        backbone: a ``keras.Model`` mapping raw pixels to a feature map (or
+            vector), or a name for :func:`detreg_keras.backbones.build_backbone`.
+        image_size: input side when ``backbone`` is a name.
+        channels: input channels when ``backbone`` is a name.
+        backbone_weights: ``weights`` for a named Keras Applications backbone.
+        embedding_dim: dimension of ``z`` and of the flows (paper: 512).
+        embedding_activation: optional activation after the embedding Dense.
+        flow: ``"realnvp"`` (paper), ``"nice"`` or ``"none"`` (plain baseline).
+        num_couplings: couplings per head (paper: 12).
+        hidden_units: hidden widths of the coupling networks (paper: 512).
+        log_scale_bound: bound on every coupling log-scale.
+        permutation_seed: seed of the flows' fixed permutations (head 2 uses seed+1).
+        dueling: keep the maximising head (paper) or drop it (single head).
+        lambda_min: λ1 of Eq. 11 (paper: 0.05).
+        lambda_max: λ2 of Eq. 11 (paper: 0.05).
+        epsilon: ε of the between-sample augmentation (paper: 0.4); 0 disables it.
+        regularizer_form: ``"log1p"`` (Eq. 7/10) or ``"logdet"`` (Eq. 6).
+        loss: base DML loss name from :data:`detreg_keras.losses.LOSSES`.
+        loss_config: keyword arguments of the base loss (e.g. ``margin``, ``alpha``).
+        **kwargs: ``keras.Model`` arguments (``name``...).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: keras.Model | str = "small_cnn",
+        image_size: int = 224,
+        channels: int = 3,
+        backbone_weights: str | None = "imagenet",
+        embedding_dim: int = 512,
+        embedding_activation: str | None = None,
+        flow: str = "realnvp",
+        num_couplings: int = 12,
+        hidden_units: Sequence[int] | int = (512,),
+        log_scale_bound: float = 2.0,
+        permutation_seed: int = 0,
+        dueling: bool = True,
+        lambda_min: float = 0.05,
+        lambda_max: float = 0.05,
+        epsilon: float = 0.4,
+        regularizer_form: str = "log1p",
+        loss: str = "proxy_anchor",
+        loss_config: dict[str, Any] | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if num_classes is None or int(num_classes) < 2:
+            raise ValueError(f"num_classes must be >= 2 for metric learning, got {num_classes!r}.")
+        if not 0.0 <= float(epsilon) <= 1.0:
+            raise ValueError(f"epsilon must lie in [0, 1], got {epsilon}.")
+        if isinstance(hidden_units, int):
+            hidden_units = (hidden_units,)
+        self.num_classes = int(num_classes)
+        if isinstance(backbone, str):
+            backbone = build_backbone(backbone, image_size=image_size, weights=backbone_weights, channels=channels)
+        if not isinstance(backbone, keras.Model):
+            raise TypeError(f"backbone must be a keras.Model or a backbone name, got {type(backbone).__name__}.")
+        self.backbone = backbone
+        self.embedding_dim = int(embedding_dim)
+        self.embedding_activation = embedding_activation
+        self.flow_type = flow.lower()
+        self.num_couplings = int(num_couplings)
+        self.hidden_units = tuple(int(h) for h in hidden_units)
+        self.log_scale_bound = float(log_scale_bound)
+        self.permutation_seed = int(permutation_seed)
+        self.dueling = bool(dueling) and self.flow_type != "none"
+        self.lambda_min = float(lambda_min)
+        self.lambda_max = float(lambda_max)
+        self.epsilon = float(epsilon)
+        self.regularizer_form = regularizer_form
+        self.loss_name = loss
+        self.loss_config = dict(loss_config or {})
+
+        self.embedding = EmbeddingHead(self.embedding_dim, embedding_activation, name="dreg_embedding")
+        flow_kwargs = dict(
+            num_couplings=self.num_couplings,
+            hidden_units=self.hidden_units,
+            log_scale_bound=self.log_scale_bound,
+        )
+        self.flow_min = None
+        self.flow_max = None
+        if self.flow_type != "none":
+            self.flow_min = build_flow(
+                self.flow_type, permutation_seed=self.permutation_seed, name="dreg_flow_min", **flow_kwargs
+            )
+            self.reg_min = DeterminantRegularizer(self.lambda_min, "min", regularizer_form, name="dreg_reg_min")
+        if self.dueling:
+            self.flow_max = build_flow(
+                self.flow_type, permutation_seed=self.permutation_seed + 1, name="dreg_flow_max", **flow_kwargs
+            )
+            self.reg_max = DeterminantRegularizer(self.lambda_max, "max", regularizer_form, name="dreg_reg_max")
+        self.loss_min = dml_losses.get(
+            loss, num_classes=self.num_classes, embedding_dim=self.embedding_dim, name="dreg_loss_min", **self.loss_config
+        )
+        self.loss_max = (
+            dml_losses.get(
+                loss,
+                num_classes=self.num_classes,
+                embedding_dim=self.embedding_dim,
+                name="dreg_loss_max",
+                **self.loss_config,
+            )
+            if self.dueling
+            else None
+        )
+
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.dml_tracker = keras.metrics.Mean(name=self.loss_min.metric_name)
+        self.reg_min_tracker = keras.metrics.Mean(name="reg_min") if self.flow_min is not None else None
+        self.reg_max_tracker = keras.metrics.Mean(name="reg_max") if self.dueling else None
+
+    # ------------------------------------------------------------------ build
+    def build(self, input_shape):
+        input_shape = tuple(input_shape)
+        self._check_image_shape(input_shape)
+        if not self.backbone.built:
+            self.backbone.build(input_shape)
+        feature_shape = self.backbone.compute_output_shape(input_shape)
+        self.embedding.build(feature_shape)
+        z_shape = (None, self.embedding_dim)
+        for flow in (self.flow_min, self.flow_max):
+            if flow is not None:
+                flow.build(z_shape)
+        for loss in (self.loss_min, self.loss_max):
+            if loss is not None:
+                loss.build(z_shape)
+        self.built = True
+
+    # -------------------------------------------------------------- checks
+    def _check_image_shape(self, shape) -> None:
+        expected = tuple(self.backbone.input_shape)
+        if len(shape) != len(expected):
+            raise ValueError(
+                f"DRegModel expects images of rank {len(expected)} {expected} (batch, height, width, channels), "
+                f"got shape {tuple(shape)}."
+            )
+        for axis, name in ((-1, "channels"), (-2, "width"), (-3, "height")):
+            want, got = expected[axis], shape[axis]
+            if want is not None and got is not None and int(want) != int(got):
+                raise ValueError(
+                    f"DRegModel's backbone expects {name}={want} (input shape {expected}), got {name}={got} "
+                    f"in input shape {tuple(shape)}. Resize/convert images in the data pipeline."
+                )
+
+    def _check_labels(self, labels: tf.Tensor) -> tf.Tensor:
+        labels = tf.convert_to_tensor(labels)
+        if labels.dtype.is_floating:
+            labels = tf.cast(labels, tf.int32)
+        labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
+        checks = [
+            tf.debugging.assert_non_negative(labels, message="DRegModel: labels must be >= 0"),
+            tf.debugging.assert_less(
+                labels,
+                tf.constant(self.num_classes, tf.int32),
+                message=f"DRegModel: labels must be < num_classes={self.num_classes}",
+            ),
+        ]
+        with tf.control_dependencies(checks):
+            return tf.identity(labels)
+
+    # ------------------------------------------------------------ forward
+    def _assert_image_shape(self, images: tf.Tensor) -> tf.Tensor:
+        """Static check plus an in-graph check for dimensions unknown while tracing."""
+        self._check_image_shape(tuple(images.shape))
+        expected = self.backbone.input_shape
+        checks = [
+            tf.debugging.assert_equal(
+                tf.shape(images)[axis],
+                int(expected[axis]),
+                message=f"DRegModel: images must have {name}={expected[axis]} (backbone input {tuple(expected)})",
+            )
+            for axis, name in ((-1, "channels"), (-2, "width"), (-3, "height"))
+            if expected[axis] is not None and images.shape[axis] is None
+        ]
+        if not checks:
+            return images
+        with tf.control_dependencies(checks):
+            return tf.identity(images)
+
+    def embed_features(self, images: tf.Tensor, training: bool = False) -> tf.Tensor:
+        """Backbone + embedding: the features ``z`` fed to the flow heads (float32)."""
+        images = self._assert_image_shape(images)
+        features = self.backbone(images, training=training)
+        return tf.cast(self.embedding(features, training=training), tf.float32)
+
+    def call(self, images, training=False):
+        z = self.embed_features(images, training=training)
+        if self.flow_min is not None:
+            z = self.flow_min(z, training=training)
+        return l2_normalize(z)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.embedding_dim)
+
+    def _head_terms(self, flow, regularizer, loss_layer, features, labels, mask, batch):
+        out, log_diag = flow.forward_with_log_diag(features)
+        dml = loss_layer(l2_normalize(out[:batch]), labels)
+        penalty, value = regularizer.penalty(log_diag, mask)
+        return dml, penalty, value
+
+    def compute_dreg_losses(self, images, labels, training: bool = False) -> dict[str, tf.Tensor]:
+        """All terms of Eq. 11 for a batch.
+
+        Returns:
+            dict with ``loss`` (total), ``dml`` (sum of the heads' base losses),
+            ``reg_min`` and ``reg_max`` (unsigned ``R(Z1)``, ``R(Z2)``).
+        """
+        if not self.built:  # fit() defers building to the first trace of train_step
+            self.build((None,) + tuple(images.shape[1:]))
+        labels = self._check_labels(labels)
+        z = self.embed_features(images, training=training)
+        batch = tf.shape(z)[0]
+        if self.flow_min is None:
+            dml = self.loss_min(l2_normalize(z), labels)
+            return {"loss": dml, "dml": dml}
+        regularize = self.lambda_min > 0 or (self.dueling and self.lambda_max > 0)
+        if regularize and self.epsilon > 0:
+            augmented, valid = between_sample_augment(z, labels, self.epsilon)
+            points = tf.concat([z, augmented], axis=0)
+            mask = tf.concat([tf.ones_like(valid), valid], axis=0)
+        else:
+            points, mask = z, None
+        dml, penalty, reg_min = self._head_terms(self.flow_min, self.reg_min, self.loss_min, points, labels, mask, batch)
+        terms = {"reg_min": reg_min}
+        total = dml + penalty
+        if self.dueling:
+            dml_2, penalty_2, reg_max = self._head_terms(
+                self.flow_max, self.reg_max, self.loss_max, points, labels, mask, batch
+            )
+            dml = dml + dml_2
+            total = total + dml_2 + penalty_2
+            terms["reg_max"] = reg_max
+        terms.update({"loss": total, "dml": dml})
+        return terms
+
+    # ----------------------------------------------------------- training
+    @property
+    def metrics(self):
+        trackers = [self.loss_tracker, self.dml_tracker, self.reg_min_tracker, self.reg_max_tracker]
+        return [t for t in trackers if t is not None]
+
+    def _update_trackers(self, terms: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        self.loss_tracker.update_state(terms["loss"])
+        self.dml_tracker.update_state(terms["dml"])
+        if self.reg_min_tracker is not None:
+            self.reg_min_tracker.update_state(terms["reg_min"])
+        if self.reg_max_tracker is not None:
+            self.reg_max_tracker.update_state(terms["reg_max"])
+        return {m.name: m.result() for m in self.metrics}
+
+    @staticmethod
+    def _unpack(data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        if y is None:
+            raise ValueError("DRegModel needs (images, labels) batches; got images without labels.")
+        if sample_weight is not None:
+            raise ValueError(
+                "DRegModel does not support sample_weight / class_weight: the base losses and the "
+                "regulariser are batch-level terms. Balance classes with the batch sampler instead."
+            )
+        return x, y
+
+    def fit(self, x=None, y=None, *args, **kwargs):
+        """``keras.Model.fit`` with early, clear errors for empty or mis-shaped data.
+
+        Raises:
+            ValueError: the data is empty (or yielded no batch), or its images do
+                not match the backbone's input shape.
+        """
+        self._check_fit_data(x)
+        start = int(self.optimizer.iterations.numpy()) if self.optimizer is not None and self.optimizer.built else 0
+        history = super().fit(x, y, *args, **kwargs)
+        end = int(self.optimizer.iterations.numpy()) if self.optimizer is not None and self.optimizer.built else 0
+        if end == start and history.epoch:
+            raise ValueError(
+                "model.fit ran no training step: the training data yielded no batch (empty dataset, "
+                "or a filter/take that removed everything)."
+            )
+        return history
+
+    def _check_fit_data(self, x) -> None:
+        if isinstance(x, tf.data.Dataset):
+            if int(x.cardinality()) == 0:
+                raise ValueError("The training dataset is empty (cardinality 0): nothing to train on.")
+            spec = x.element_spec
+            image_spec = spec[0] if isinstance(spec, tuple) else spec
+            if isinstance(image_spec, tf.TensorSpec) and image_spec.shape.rank is not None:
+                self._check_image_shape(tuple(image_spec.shape))
+        elif x is not None and hasattr(x, "shape") and hasattr(x, "__len__"):
+            if len(x) == 0:
+                raise ValueError("The training images are empty: nothing to train on.")
+            self._check_image_shape((None,) + tuple(x.shape[1:]))
+
+    def train_step(self, data):
+        x, y = self._unpack(data)
+        with tf.GradientTape() as tape:
+            terms = self.compute_dreg_losses(x, y, training=True)
+            total = terms["loss"]
+            if self.losses:
+                total = total + tf.add_n([tf.cast(l, total.dtype) for l in self.losses])
+                terms["loss"] = total
+            scaled = self.optimizer.scale_loss(total)
+        variables = self.trainable_variables
+        gradients = tape.gradient(scaled, variables)
+        self.optimizer.apply(gradients, variables)
+        return self._update_trackers(terms)
+
+    def test_step(self, data):
+        x, y = self._unpack(data)
+        return self._update_trackers(self.compute_dreg_losses(x, y, training=False))
+
+    def compile(self, optimizer=None, **kwargs):
+        """Compile with the paper's recipe (:func:`detreg_keras.optim.make_optimizer`) by default.
+
+        ``loss`` is not accepted: the objective is fixed by the model (Eq. 11).
+        """
+        if kwargs.get("loss") is not None:
+            raise ValueError("DRegModel computes its own loss (Eq. 11); choose the base loss with DRegModel(loss=...).")
+        super().compile(optimizer=optimizer if optimizer is not None else make_optimizer(), **kwargs)
+
+    def compile_from_config(self, config):
+        """Re-compile on ``keras.models.load_model`` so training can resume with the saved optimizer."""
+        config = keras.saving.deserialize_keras_object(config)
+        config = {k: v for k, v in config.items() if k != "loss"}
+        self.compile(**config)
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
+
+    # ------------------------------------------------------ serialisation
+    def get_config(self) -> dict:
+        return {
+            "name": self.name,
+            "num_classes": self.num_classes,
+            "backbone": keras.saving.serialize_keras_object(self.backbone),
+            "embedding_dim": self.embedding_dim,
+            "embedding_activation": self.embedding_activation,
+            "flow": self.flow_type,
+            "num_couplings": self.num_couplings,
+            "hidden_units": list(self.hidden_units),
+            "log_scale_bound": self.log_scale_bound,
+            "permutation_seed": self.permutation_seed,
+            "dueling": self.dueling,
+            "lambda_min": self.lambda_min,
+            "lambda_max": self.lambda_max,
+            "epsilon": self.epsilon,
+            "regularizer_form": self.regularizer_form,
+            "loss": self.loss_name,
+            "loss_config": self.loss_config,
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"], custom_objects=custom_objects)
+        return cls(**config)

@@ -1,0 +1,132 @@
+"""Every registered loss: built by ``get``, config round trip, Keras serialisation, tf.function, finite gradients."""
+
+from __future__ import annotations
+
+import inspect
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from detreg_keras import losses
+from detreg_keras.losses.base import DMLLoss
+
+from ._helpers import BATCHES, assert_all_finite
+
+NUM_CLASSES = 7  # the hand-made batches use labels up to 6
+REQUIRED = (
+    "proxy_anchor",
+    "contrastive",
+    "triplet",
+    "npair",
+    "lifted_structure",
+    "multi_similarity",
+    "circle",
+    "proxy_nca",
+    "proxy_nca_pp",
+    "soft_triple",
+    "normalized_softmax",
+    "cosface",
+    "arcface",
+    "recall_at_k",
+)
+PROXY_LOSSES = {"proxy_anchor", "proxy_nca", "proxy_nca_pp", "soft_triple", "normalized_softmax", "cosface", "arcface"}
+#: Non-default hyper-parameters (so the round trip is not satisfied by the defaults); seeds fix random losses.
+NON_DEFAULT = {
+    "contrastive": {"neg_margin": 0.8},
+    "triplet": {"mining": "semihard", "margin": 0.3},
+    "rho_triplet": {"rho": 0.5, "seed": 3},
+    "npair": {"scale": 2.0},
+    "lifted_structure": {"margin": 0.5},
+    "multi_similarity": {"epsilon": 0.2},
+    "circle": {"gamma": 64.0},
+    "recall_at_k": {"simix": True, "seed": 4, "chunk_size": 3, "k_values": (1, 2)},
+    "proxy_nca": {"scale": 3.0},
+    "proxy_nca_pp": {"temperature": 0.2},
+    "soft_triple": {"num_centers": 3},
+    "normalized_softmax": {"temperature": 0.1},
+    "cosface": {"margin": 0.2},
+    "arcface": {"margin": 0.3},
+    "proxy_anchor": {"alpha": 16.0},
+}
+
+
+def test_required_names_are_registered():
+    assert set(REQUIRED) <= set(losses.LOSSES)
+    with pytest.raises(ValueError, match="Known losses"):
+        losses.get("no_such_loss")
+
+
+@pytest.mark.parametrize("name", sorted(losses.LOSSES))
+def test_get_builds_and_flags_proxies(name):
+    layer = losses.get(name, num_classes=NUM_CLASSES, embedding_dim=6)
+    assert isinstance(layer, DMLLoss)
+    assert layer.metric_name != DMLLoss.metric_name
+    assert layer.has_proxies == (name in PROXY_LOSSES)
+    value = layer(*BATCHES["mixed"])
+    assert value.shape == () and np.isfinite(float(value))
+    names = [w.path.split("/")[-1] for w in layer.trainable_weights]
+    assert names == (["proxies"] if name in PROXY_LOSSES else [])
+
+
+@pytest.mark.parametrize("name", sorted(losses.LOSSES))
+def test_config_round_trip_same_value_with_same_weights(name):
+    layer = losses.get(name, num_classes=NUM_CLASSES, embedding_dim=6, **NON_DEFAULT.get(name, {}))
+    config = layer.get_config()
+    params = [
+        p
+        for p, spec in inspect.signature(type(layer).__init__).parameters.items()
+        if p != "self" and spec.kind not in (spec.VAR_KEYWORD, spec.VAR_POSITIONAL)
+    ]
+    assert set(params) <= set(config), f"get_config misses {set(params) - set(config)}"
+    clone = type(layer).from_config(config)
+    layer.build(None)
+    clone.build(None)
+    clone.set_weights(layer.get_weights())
+    x, y = BATCHES["mixed"]
+    np.testing.assert_allclose(float(clone(x, y)), float(layer(x, y)), rtol=1e-6)
+    serialized = keras.saving.serialize_keras_object(layer)
+    assert serialized["registered_name"].startswith("detreg_keras>")
+    restored = keras.saving.deserialize_keras_object(serialized)
+    assert type(restored) is type(layer) and restored.get_config() == config
+
+
+@pytest.mark.parametrize("name", sorted(losses.LOSSES))
+def test_tf_function_dynamic_batch_matches_eager(name):
+    layer = losses.get(name, num_classes=NUM_CLASSES, embedding_dim=6)
+    layer.build(None)
+    x_a, y_a = BATCHES["mixed"]
+    x_b = np.random.default_rng(5).normal(size=(6, 6)).astype(np.float32)
+    y_b = np.array([6, 6, 1, 1, 1, 0], np.int32)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 6], tf.float32), tf.TensorSpec([None], tf.int32)])
+    def step(embeddings, labels):
+        with tf.GradientTape() as tape:
+            tape.watch(embeddings)
+            loss = layer(embeddings, labels)
+        return loss, tape.gradient(loss, [embeddings] + layer.trainable_weights)
+
+    for x, y in ((x_a, y_a), (x_b, y_b)):
+        loss, grads = step(tf.constant(x), tf.constant(y))
+        assert_all_finite(float(loss), [g.numpy() for g in grads])
+        if name != "rho_triplet":  # random switches: the eager call would draw other ones
+            np.testing.assert_allclose(float(loss), float(layer(x, y)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(losses.LOSSES))
+@pytest.mark.parametrize("batch", sorted(BATCHES))
+def test_degenerate_batches_have_finite_value_and_gradients(name, batch):
+    x, y = BATCHES[batch]
+    kwargs = {"simix": True, "seed": 0} if name == "recall_at_k" else {}
+    layer = losses.get(name, num_classes=NUM_CLASSES, embedding_dim=x.shape[1], **kwargs)
+    variable = tf.Variable(x)
+    with tf.GradientTape() as tape:
+        loss = layer(variable, y)
+    grads = tape.gradient(loss, [variable] + layer.trainable_weights)
+    assert_all_finite(float(loss), [np.zeros(1) if g is None else g.numpy() for g in grads])
+    if batch == "singletons" and name not in PROXY_LOSSES | {"contrastive"}:
+        assert float(loss) == 0.0  # no positive pair: the pair-based losses contribute nothing
+    if batch == "one_class" and name not in PROXY_LOSSES | {"contrastive", "npair", "recall_at_k"}:
+        assert float(loss) == 0.0  # no negative pair (contrastive keeps its positive term,
+        # N-pair and RS@k their single-class value)

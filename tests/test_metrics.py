@@ -1,0 +1,480 @@
+"""Tests for detreg_keras.metrics against an independent brute-force reference.
+
+The reference below is written from the metric definitions (full similarity
+matrix + argsort, per-query Python loops); it never calls the code under test.
+
+Ties: faiss and argsort may order (near-)tied similarities differently, so the
+reference is tie-aware. It groups each query's sorted neighbours into blocks whose
+similarities are within ``TIE_TOL`` and evaluates the metrics on the two extreme
+orderings inside each block: same-class items last (pessimistic) and first
+(optimistic). All metrics here are monotone in moving a same-class item forward,
+so any valid tie order gives a value between the two. Where a data set has no
+cross-class ties the two bounds coincide and the comparison is exact; the tests
+assert the bounds are tight so they cannot pass vacuously.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from detreg_keras import metrics as M
+
+TIE_TOL = 1e-6
+
+
+# --------------------------------------------------------------------------- #
+# Independent reference
+# --------------------------------------------------------------------------- #
+def _ref_normalize(x):
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _ref_rankings(q, ql, g, gl, same_source, normalize=True, tie_tol=TIE_TOL):
+    """Per query: the match rows (True = same class) under the two tie orders."""
+    if normalize:
+        q, g = _ref_normalize(q), _ref_normalize(g)
+    sims = np.asarray(q, np.float64) @ np.asarray(g, np.float64).T
+    pess, opt = [], []
+    for i in range(len(q)):
+        s = sims[i].copy()
+        ids = np.arange(len(g))
+        if same_source:  # exclude the query by its index
+            s, ids = np.delete(s, i), np.delete(ids, i)
+        order = np.argsort(-s, kind="stable")
+        s_sorted = s[order]
+        match = gl[ids[order]] == ql[i]
+        block = np.concatenate([[0], np.cumsum(-np.diff(s_sorted) > tie_tol)])
+        # lexsort: last key is primary. Pessimistic = negatives first in a block.
+        pess.append(match[np.lexsort((match, block))])
+        opt.append(match[np.lexsort((~match, block))])
+    return np.array(pess), np.array(opt)
+
+
+def _ref_r(ql, gl, same_source):
+    return np.array([np.sum(gl == lab) - (1 if same_source else 0) for lab in ql])
+
+
+def _ref_query_metrics(rows, r, ks, max_r=None):
+    """Mean metrics from per-query match rows, straight from the definitions."""
+    recall = {k: [] for k in ks}
+    p1, rp, ap = [], [], []
+    for row, big_r in zip(rows, r):
+        for k in ks:
+            recall[k].append(1.0 if row[:k].any() else 0.0)
+        if big_r == 0:
+            continue  # lone query: left out (AccuracyCalculator)
+        rr = big_r if max_r is None else min(big_r, max_r)
+        p1.append(float(row[0]))
+        rp.append(row[:rr].sum() / rr)
+        total, hits = 0.0, 0
+        for i in range(rr):
+            if row[i]:
+                hits += 1
+                total += hits / (i + 1)
+        ap.append(total / rr)
+    out = {f"recall@{k}": float(np.mean(v)) for k, v in recall.items()}
+    out["precision@1"] = float(np.mean(p1)) if p1 else 0.0
+    out["r_precision"] = float(np.mean(rp)) if rp else 0.0
+    out["map@r"] = float(np.mean(ap)) if ap else 0.0
+    return out
+
+
+def _reference(
+    q, ql, g=None, gl=None, ks=(1, 2, 4, 8), max_r=None, normalize=True, tie_tol=TIE_TOL
+):
+    same = g is None
+    if same:
+        g, gl = q, ql
+    pess_rows, opt_rows = _ref_rankings(q, ql, g, gl, same, normalize, tie_tol)
+    r = _ref_r(ql, gl, same)
+    return (
+        _ref_query_metrics(pess_rows, r, ks, max_r),
+        _ref_query_metrics(opt_rows, r, ks, max_r),
+        pess_rows,
+        r,
+    )
+
+
+def _assert_within(result, lo, hi, max_gap=2e-3, exact_keys=()):
+    for key, lo_v in lo.items():
+        if key not in result:
+            continue
+        hi_v = hi[key]
+        assert hi_v - lo_v <= max_gap, f"{key}: reference bounds too loose ({lo_v}, {hi_v})"
+        assert lo_v - 1e-9 <= result[key] <= hi_v + 1e-9, (
+            f"{key}={result[key]} outside reference [{lo_v}, {hi_v}]"
+        )
+    for key in exact_keys:
+        assert lo[key] == pytest.approx(hi[key], abs=1e-12)
+
+
+# --------------------------------------------------------------------------- #
+# Data
+# --------------------------------------------------------------------------- #
+def _skewed_labels(rng):
+    """One big class, medium ones, pairs and singletons, shuffled."""
+    sizes = [70, 25, 12, 12, 6, 5, 3, 2, 2, 2] + [1] * 8
+    labels = np.concatenate([np.full(s, c) for c, s in enumerate(sizes)])
+    return rng.permutation(labels)
+
+
+def _clustered(rng, labels, dim=24, spread=0.9):
+    centers = rng.normal(size=(labels.max() + 1, dim))
+    return (centers[labels] + spread * rng.normal(size=(len(labels), dim))).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def skewed():
+    rng = np.random.default_rng(0)
+    y = _skewed_labels(rng)
+    x = _clustered(rng, y)
+    # Deliberate exact duplicates (same label): ties with the query itself.
+    dup_src = rng.choice(len(x), size=20, replace=False)
+    x = np.concatenate([x, x[dup_src], x[dup_src[:5]]])
+    y = np.concatenate([y, y[dup_src], y[dup_src[:5]]])
+    perm = rng.permutation(len(x))
+    return x[perm], y[perm]
+
+
+# --------------------------------------------------------------------------- #
+# kNN search
+# --------------------------------------------------------------------------- #
+def test_knn_search_matches_bruteforce(skewed):
+    x, _ = skewed
+    xn = M.l2_normalize(x)
+    k = 15
+    idx, sims = M.knn_search(xn, k=k)
+    assert idx.shape == sims.shape == (len(x), k)
+    assert idx.dtype == np.int64 and sims.dtype == np.float32
+    full = xn.astype(np.float64) @ xn.astype(np.float64).T
+    np.fill_diagonal(full, -np.inf)
+    expected = -np.sort(-full, axis=1)[:, :k]
+    np.testing.assert_allclose(sims, expected, atol=1e-5)
+    # Returned ids are consistent with their similarities, distinct, never self.
+    np.testing.assert_allclose(np.take_along_axis(full, idx, 1), sims, atol=1e-5)
+    assert not (idx == np.arange(len(x))[:, None]).any()
+    assert all(len(set(row)) == k for row in idx)
+    assert (np.diff(sims, axis=1) <= 1e-6).all()
+
+
+def test_knn_search_excludes_self_by_id_with_many_duplicates():
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=(3, 6)).astype(np.float32)
+    x = np.repeat(base, [10, 4, 1], axis=0)  # 10 identical rows > k + 1
+    k = 3
+    idx, sims = M.knn_search(x, k=k)
+    assert not (idx == np.arange(len(x))[:, None]).any()
+    group = np.repeat([0, 1, 2], [10, 4, 1])
+    # Rows of the 10-group and 4-group see only their own duplicates first.
+    for i in range(14):
+        assert (group[idx[i]] == group[i]).all()
+        np.testing.assert_allclose(sims[i], np.sum(x[i] * x[i]), rtol=1e-5)
+
+
+def test_knn_search_full_depth_returns_everyone_else():
+    x = np.repeat(np.random.default_rng(2).normal(size=(4, 5)), 3, axis=0)
+    idx, _ = M.knn_search(x, k=len(x) - 1)
+    for i, row in enumerate(idx):
+        assert sorted(row) == [j for j in range(len(x)) if j != i]
+
+
+def test_knn_search_query_gallery_mode_keeps_everything():
+    rng = np.random.default_rng(3)
+    g = M.l2_normalize(rng.normal(size=(50, 8)))
+    q = g[:10].copy()  # queries identical to gallery rows: must find them
+    idx, sims = M.knn_search(q, g, k=50)
+    assert (idx[:, 0] == np.arange(10)).all()
+    np.testing.assert_allclose(sims[:, 0], np.sum(q * q, axis=1), rtol=1e-5)
+    assert all(sorted(row) == list(range(50)) for row in idx)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 64])
+def test_knn_search_chunked_equals_unchunked(skewed, chunk_size):
+    x = M.l2_normalize(skewed[0])
+    idx_full, sims_full = M.knn_search(x, k=9, chunk_size=100_000)
+    idx_c, sims_c = M.knn_search(x, k=9, chunk_size=chunk_size)
+    np.testing.assert_allclose(sims_c, sims_full, atol=1e-6)
+    differ = idx_c != idx_full
+    # Ids may only differ between neighbours of (numerically) equal similarity.
+    full = x.astype(np.float64) @ x.astype(np.float64).T
+    rows = np.nonzero(differ)[0]
+    a = full[rows, idx_c[differ]]
+    b = full[rows, idx_full[differ]]
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    assert differ.mean() < 0.01
+
+
+def test_knn_search_chunked_query_gallery():
+    rng = np.random.default_rng(4)
+    g = rng.normal(size=(200, 8)).astype(np.float32)
+    q = rng.normal(size=(33, 8)).astype(np.float32)
+    a = M.knn_search(q, g, k=5, chunk_size=4)
+    b = M.knn_search(q, g, k=5)
+    np.testing.assert_allclose(a[1], b[1], atol=1e-6)
+    assert (a[0] == b[0]).mean() > 0.99
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(queries=np.zeros(5), k=1), "2-D"),
+        (dict(queries=np.zeros((2, 3, 4)), k=1), "2-D"),
+        (dict(queries=np.zeros((0, 3)), k=1), "non-empty"),
+        (dict(queries=np.ones((5, 3)), gallery=np.ones((5, 4)), k=1), "dimension"),
+        (dict(queries=np.array([[1.0, np.nan], [0.0, 1.0]]), k=1), "NaN or Inf"),
+        (dict(queries=np.ones((3, 2)), gallery=np.array([[np.inf, 1.0]]), k=1), "NaN or Inf"),
+        (dict(queries=np.ones((5, 3)), k=0), "k must be >= 1"),
+        (dict(queries=np.ones((5, 3)), k=5), r"k=5 exceeds .*\(4: 5 items minus the query"),
+        (dict(queries=np.ones((5, 3)), gallery=np.ones((4, 3)), k=5), r"k=5 exceeds .*\(4: 4 items\)"),
+        (dict(queries=np.ones((5, 3)), k=2.5), "integer"),
+        (dict(queries=np.ones((5, 3)), k=None), "integer"),
+        (dict(queries=np.ones((5, 3)), k=1, chunk_size=0), "chunk_size"),
+        (dict(queries=np.ones((5, 3)), k=1, use_gpu="yes"), "use_gpu"),
+    ],
+)
+def test_knn_search_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        M.knn_search(**kwargs)
+
+
+def test_knn_search_allows_k_equal_gallery_size_in_query_mode():
+    idx, _ = M.knn_search(np.ones((2, 3)), np.eye(3), k=3)
+    assert idx.shape == (2, 3)
+
+
+# --------------------------------------------------------------------------- #
+# Metrics vs reference
+# --------------------------------------------------------------------------- #
+def test_all_vs_all_metrics_match_reference(skewed):
+    x, y = skewed
+    ks = (1, 2, 4, 8, 16)
+    lo, hi, _, r = _reference(x, y, ks=ks)
+    assert (r == 0).sum() > 0, "data must contain lone queries"
+    got = M.evaluate_embeddings(x, y, ks, metrics=("recall", "map_at_r", "r_precision", "precision_at_1"))
+    assert set(got) == {*(f"recall@{k}" for k in ks), "map@r", "r_precision", "precision@1"}
+    _assert_within(got, lo, hi)
+    # Sanity: values are informative (neither trivial 0 nor 1).
+    assert 0.2 < got["map@r"] < 0.95 and got["recall@1"] < got["precision@1"]
+
+
+def test_individual_functions_agree_with_reference(skewed):
+    x, y = skewed
+    lo, hi, _, _ = _reference(x, y, ks=(1, 3))
+    got = M.recall_at_k(x, y, (1, 3))
+    got["precision@1"] = M.precision_at_1(x, y)
+    got["r_precision"] = M.r_precision(x, y)
+    got["map@r"] = M.map_at_r(x, y)
+    _assert_within(got, lo, hi)
+    assert got == pytest.approx(
+        M.evaluate_embeddings(x, y, (1, 3), metrics=("recall", "map_at_r", "r_precision", "precision_at_1"))
+    )
+
+
+def test_max_r_cap_matches_reference(skewed):
+    x, y = skewed
+    lo, hi, _, r = _reference(x, y, ks=(1,), max_r=5)
+    assert r.max() > 5
+    got = M.evaluate_embeddings(x, y, (1,), metrics=("map_at_r", "r_precision"), max_r=5)
+    _assert_within(got, lo, hi)
+    # R stays capped when the search is deeper than max_r (large ks).
+    deep = M.evaluate_embeddings(x, y, (1, 32), metrics=("recall", "map_at_r", "r_precision"), max_r=5)
+    _assert_within(deep, lo, hi)
+    assert M.map_at_r(x, y, max_r=5) == pytest.approx(got["map@r"], abs=1e-12)
+    uncapped = M.evaluate_embeddings(x, y, (1,), metrics=("map_at_r",), max_r=None)
+    assert abs(uncapped["map@r"] - got["map@r"]) > 1e-3  # the cap is not a no-op
+
+
+def test_query_gallery_mode_matches_reference():
+    rng = np.random.default_rng(5)
+    gl = _skewed_labels(rng)
+    g = _clustered(rng, gl)
+    # Queries: some classes of the gallery, plus a class absent from it (lone).
+    ql = np.concatenate([rng.choice(gl, 60), np.full(5, 999)])
+    centers = np.zeros((1000, g.shape[1]))
+    for c in np.unique(gl):
+        centers[c] = g[gl == c].mean(0)
+    centers[999] = rng.normal(size=g.shape[1])
+    q = (centers[ql] + 0.9 * rng.normal(size=(len(ql), g.shape[1]))).astype(np.float32)
+    q[:3] = g[np.flatnonzero(gl == ql[0])[:1]]  # exact copies of gallery rows
+    ql[:3] = ql[0]
+    ks = (1, 5, 10)
+    lo, hi, _, r = _reference(q, ql, g, gl, ks=ks)
+    got = M.evaluate_embeddings(g, gl, ks, query_embeddings=q, query_labels=ql)
+    _assert_within(got, lo, hi)
+    # An exact copy in the gallery is found: nothing is excluded in this mode.
+    idx, _ = M.knn_search(M.l2_normalize(q[:1]), M.l2_normalize(g), k=1)
+    assert gl[idx[0, 0]] == ql[0]
+    assert (r[-5:] == 0).all()  # the absent class is lone
+
+
+def test_exact_ties_across_classes_with_integer_embeddings():
+    """Abundant exact ties (small integer vectors, raw inner product)."""
+    rng = np.random.default_rng(6)
+    y = rng.integers(0, 6, size=120)
+    x = (rng.integers(-1, 2, size=(120, 6)) + 2 * np.eye(6)[y]).astype(np.float32)
+    lo, hi, _, _ = _reference(x, y, normalize=False, ks=(1, 2, 4), tie_tol=0.5)
+    got = M.evaluate_embeddings(
+        x, y, (1, 2, 4), normalize=False,
+        metrics=("recall", "map_at_r", "r_precision", "precision_at_1"),
+    )
+    _assert_within(got, lo, hi, max_gap=0.15)
+    # Per query, the faiss ranking is a valid order of the exact similarity
+    # levels: same number of same-class items at every similarity level.
+    idx, sims = M.knn_search(x, k=len(x) - 1)
+    full = x.astype(np.float64) @ x.astype(np.float64).T
+    for i in range(len(x)):
+        np.testing.assert_array_equal(sims[i], full[i, idx[i]])
+        others = np.delete(np.arange(len(x)), i)
+        for level in np.unique(full[i, others]):
+            ref_ids = others[full[i, others] == level]
+            got_ids = idx[i][sims[i] == level]
+            assert sorted(got_ids) == sorted(ref_ids)
+        assert (np.diff(sims[i]) <= 0).all()
+
+
+def test_label_invariant_ties_are_exact():
+    """Every tie is between exact duplicates of the same class -> one answer."""
+    rng = np.random.default_rng(7)
+    base_y = np.repeat(np.arange(8), 3)
+    base = _clustered(rng, base_y, dim=16, spread=1.0)
+    x = np.repeat(base, 3, axis=0)  # each vector three times, same label
+    y = np.repeat(base_y, 3)
+    lo, hi, _, _ = _reference(x, y, ks=(1, 2, 4, 8))
+    assert lo == hi
+    got = M.evaluate_embeddings(x, y, metrics=("recall", "map_at_r", "r_precision", "precision_at_1"))
+    for key in got:
+        assert got[key] == pytest.approx(lo[key], abs=1e-12), key
+
+
+def test_calculate_layer_exact_on_given_rankings(skewed):
+    """The knn-label layer against the reference on one fixed ordering."""
+    x, y = skewed
+    _, _, rows, r = _reference(x, y)
+    depth = rows.shape[1]
+    knn_labels = np.where(rows, y[:, None], -1)  # -1 never equals a class
+    ref = _ref_query_metrics(rows, r, (1, 2, 8))
+    assert M.calculate_recall_at_k(knn_labels, y, (1, 2, 8)) == pytest.approx(
+        {k: ref[k] for k in ("recall@1", "recall@2", "recall@8")}, abs=1e-12
+    )
+    assert M.calculate_precision_at_1(knn_labels, y, r) == pytest.approx(ref["precision@1"], abs=1e-12)
+    assert M.calculate_r_precision(knn_labels, y, r) == pytest.approx(ref["r_precision"], abs=1e-12)
+    assert M.calculate_mean_average_precision_at_r(knn_labels, y, r) == pytest.approx(ref["map@r"], abs=1e-12)
+    assert depth == len(x) - 1
+
+
+def test_map_at_r_hand_example():
+    # Musgrave et al.: R = 4, relevant at ranks 1, 3 -> (1 + 2/3) / 4.
+    knn = np.array([[1, 0, 1, 0, 1]])
+    assert M.calculate_mean_average_precision_at_r(knn, np.array([1]), np.array([4])) == pytest.approx(
+        (1 + 2 / 3) / 4
+    )
+    assert M.calculate_r_precision(knn, np.array([1]), np.array([4])) == pytest.approx(0.5)
+
+
+def test_all_lone_queries_give_zero_with_warning():
+    x = np.eye(4, dtype=np.float32)
+    y = np.arange(4)
+    with pytest.warns(RuntimeWarning, match="No query"):
+        got = M.evaluate_embeddings(x, y, (1,), metrics=("recall", "map_at_r", "r_precision", "precision_at_1"))
+    assert got == {"recall@1": 0.0, "map@r": 0.0, "r_precision": 0.0, "precision@1": 0.0}
+
+
+def test_normalization_and_label_dtype_invariance(skewed):
+    x, y = skewed
+    rng = np.random.default_rng(8)
+    scaled = x * rng.uniform(0.1, 10.0, size=(len(x), 1)).astype(np.float32)
+    names = np.array([f"class_{v:03d}" for v in y])
+    kw = dict(metrics=("recall", "map_at_r", "r_precision", "precision_at_1"))
+    base = M.evaluate_embeddings(x, y, **kw)
+    assert M.evaluate_embeddings(scaled, names, **kw) == pytest.approx(base, abs=1e-9)
+    assert M.evaluate_embeddings(x, y[:, None], **kw) == pytest.approx(base, abs=1e-12)
+    # Without normalisation the raw inner product is used and the ranking changes.
+    lo, hi, _, _ = _reference(scaled, y, normalize=False)
+    _assert_within(M.evaluate_embeddings(scaled, y, normalize=False, **kw), lo, hi)
+    assert M.evaluate_embeddings(scaled, y, normalize=False, **kw) != pytest.approx(base, abs=1e-3)
+
+
+def test_single_knn_search_with_max_bin_depth(skewed, monkeypatch):
+    x, y = skewed
+    calls = []
+    real = M.knn_search
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("k", args[2] if len(args) > 2 else None))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(M, "knn_search", spy)
+    r_max = int(_ref_r(y, y, True).max())
+    M.evaluate_embeddings(x, y, (1, 2, 4, 8))
+    M.evaluate_embeddings(x, y, (1, 2, 4, 8), max_r=10)
+    M.evaluate_embeddings(x, y, (1, 100), max_r=10)
+    M.evaluate_embeddings(x, y, (1,), metrics=("nmi",))
+    assert calls == [max(8, r_max), 10, 100]
+
+
+# --------------------------------------------------------------------------- #
+# NMI
+# --------------------------------------------------------------------------- #
+def test_nmi_separable_clusters_is_one():
+    rng = np.random.default_rng(9)
+    y = np.repeat(np.arange(10), 30)
+    centers = np.eye(10, 32) * 10
+    x = centers[y] + 0.1 * rng.normal(size=(len(y), 32))
+    assert M.nmi(x, y) == pytest.approx(1.0, abs=1e-6)
+    assert M.evaluate_embeddings(x, y, metrics=("nmi",))["nmi"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_nmi_random_labels_is_near_zero():
+    rng = np.random.default_rng(10)
+    x = rng.normal(size=(3000, 16))
+    y = rng.integers(0, 4, size=3000)
+    assert 0.0 <= M.nmi(x, y) < 0.02
+
+
+def test_nmi_is_deterministic_and_uses_queries_in_query_mode():
+    rng = np.random.default_rng(11)
+    y = np.repeat(np.arange(5), 20)
+    x = np.eye(5, 8)[y] * 5 + rng.normal(size=(100, 8))
+    assert M.nmi(x, y, seed=3) == M.nmi(x, y, seed=3)
+    g = rng.normal(size=(40, 8))
+    gl = rng.integers(0, 5, size=40)
+    got = M.evaluate_embeddings(g, gl, (1,), query_embeddings=x, query_labels=y, metrics=("nmi",))
+    assert got["nmi"] == pytest.approx(M.nmi(x, y))
+
+
+def test_kmeans_cluster_bad_input():
+    with pytest.raises(ValueError, match="num_clusters"):
+        M.kmeans_cluster(np.ones((3, 2)), 4)
+    with pytest.raises(ValueError, match="init"):
+        M.kmeans_cluster(np.ones((3, 2)), 2, init="bogus")
+
+
+# --------------------------------------------------------------------------- #
+# evaluate_embeddings input validation
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(labels=np.zeros(9)), "labels has 9 entries but there are 10 embeddings"),
+        (dict(labels=np.zeros((10, 2))), "1-D"),
+        (dict(ks=()), "at least one k"),
+        (dict(ks=(0, 1)), ">= 1"),
+        (dict(ks=(1.5,)), "integer"),
+        (dict(ks=(10,)), "only has 9 gallery items"),
+        (dict(metrics=("recall", "auc")), "unknown metric"),
+        (dict(metrics=()), "metrics is empty"),
+        (dict(query_embeddings=np.ones((3, 4))), "given together"),
+        (dict(query_embeddings=np.ones((3, 5)), query_labels=np.zeros(3)), "dimension"),
+        (dict(query_embeddings=np.ones((3, 4)), query_labels=np.zeros(2)), "query_labels has 2"),
+        (dict(max_r=0), "max_r"),
+        (dict(embeddings=np.full((10, 4), np.nan)), "NaN or Inf"),
+    ],
+)
+def test_evaluate_embeddings_bad_input(kwargs, match):
+    args = dict(embeddings=np.random.default_rng(0).normal(size=(10, 4)), labels=np.repeat(np.arange(5), 2))
+    args.update(kwargs)
+    emb, lab = args.pop("embeddings"), args.pop("labels")
+    with pytest.raises(ValueError, match=match):
+        M.evaluate_embeddings(emb, lab, **args)
