@@ -42,6 +42,51 @@ def l2_normalize(x: tf.Tensor) -> tf.Tensor:
     return tf.math.l2_normalize(x, axis=-1, epsilon=1e-12)
 
 
+def _num_replicas() -> int:
+    context = tf.distribute.get_replica_context()
+    return 1 if context is None else int(context.num_replicas_in_sync)
+
+
+def _gather_global_batch(features: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Under ``tf.distribute``, all-gather the replicas' features and labels.
+
+    Proxy Anchor and R(Z) are batch-level (non-decomposable) terms: computing them
+    on each replica's slice would change the objective. Every replica therefore
+    computes the loss of the global batch; the gradient of ``all_gather`` sums
+    the upstream gradients of all replicas, so after the optimizer's cross-replica
+    sum, dividing the loss by the replica count gives the single-device gradient.
+    """
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return features, labels
+    return context.all_gather(features, axis=0), context.all_gather(labels, axis=0)
+
+
+_NONFINITE_HINT = (
+    "training stopped before applying this step, so the weights and the last checkpoint are intact. "
+    "Lower the learning rate or the lambdas, check the inputs for NaN/Inf, or use a smaller log_scale_bound."
+)
+
+
+def _assert_finite(value: tf.Tensor, what: str) -> list:
+    """Assert that ``value`` is finite; returns the op (in graphs) for ``tf.control_dependencies``."""
+    op = tf.debugging.Assert(
+        tf.reduce_all(tf.math.is_finite(value)),
+        [f"DRegModel: {what} became non-finite (NaN/Inf); {_NONFINITE_HINT}"],
+    )
+    return [] if op is None else [op]  # eager mode raises at once and returns None
+
+
+def _check_finite_terms(terms: dict[str, tf.Tensor]) -> list:
+    """Checks naming each term of Eq. 11 that is not finite."""
+    return [op for name, value in terms.items() for op in _assert_finite(value, f"the {name} term")]
+
+
+def _check_finite_gradients(gradients: list) -> list:
+    present = [g for g in gradients if g is not None]
+    return _assert_finite(tf.linalg.global_norm(present), "the gradients") if present else []
+
+
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class EmbeddingHead(keras.layers.Layer):
     """Global average + global max pooling (summed) and a Dense projection to ``embedding_dim``.
@@ -308,6 +353,7 @@ class DRegModel(keras.Model):
             self.build((None,) + tuple(images.shape[1:]))
         labels = self._check_labels(labels)
         z = self.embed_features(images, training=training)
+        z, labels = _gather_global_batch(z, labels)
         batch = tf.shape(z)[0]
         if self.flow_min is None:
             dml = self.loss_min(l2_normalize(z), labels)
@@ -392,16 +438,26 @@ class DRegModel(keras.Model):
 
     def train_step(self, data):
         x, y = self._unpack(data)
-        with tf.GradientTape() as tape:
+        # Every update (BatchNorm statistics in the forward pass, weight decay and the optimizer
+        # step) is made to depend on these checks, so a non-finite step changes nothing.
+        input_checks = _assert_finite(x, "the input images")
+        with tf.control_dependencies(input_checks), tf.GradientTape() as tape:
             terms = self.compute_dreg_losses(x, y, training=True)
             total = terms["loss"]
             if self.losses:
                 total = total + tf.add_n([tf.cast(l, total.dtype) for l in self.losses])
                 terms["loss"] = total
-            scaled = self.optimizer.scale_loss(total)
+            # Every replica computes the loss of the *global* batch (see _gather_global_batch) and
+            # the optimizer sums gradients over replicas: divide by the replica count.
+            scaled = self.optimizer.scale_loss(total / _num_replicas())
         variables = self.trainable_variables
         gradients = tape.gradient(scaled, variables)
-        self.optimizer.apply(gradients, variables)
+        checks = _check_finite_terms(terms)
+        if not isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            # (a loss-scale optimizer expects and skips non-finite scaled gradients itself)
+            checks += _check_finite_gradients(gradients)
+        with tf.control_dependencies(checks):
+            self.optimizer.apply(gradients, variables)
         return self._update_trackers(terms)
 
     def test_step(self, data):

@@ -234,3 +234,42 @@ def test_bad_construction():
         DRegModel(num_classes=3, **{**SMALL, "flow": "glow"})
     with pytest.raises(TypeError, match="backbone"):
         DRegModel(num_classes=3, backbone=42)
+
+
+def test_non_finite_input_or_term_stops_training_and_keeps_weights_and_checkpoint(tmp_path):
+    model = _model()
+    model.compile(optimizer=make_optimizer(learning_rate=1e-3))
+    x, y = _data(20)
+    ckpt = tmp_path / "last_good.keras"
+    model.fit(x, y, batch_size=10, epochs=1, verbose=0, callbacks=[keras.callbacks.ModelCheckpoint(ckpt)])
+    good_weights = model.get_weights()
+    poisoned = x.copy()
+    poisoned[3, 0, 0, 0] = np.nan
+    with pytest.raises(tf.errors.InvalidArgumentError, match="the input images became non-finite"):
+        model.fit(poisoned, y, batch_size=20, epochs=1, verbose=0, callbacks=[keras.callbacks.ModelCheckpoint(ckpt)])
+    for before, after in zip(good_weights, model.get_weights()):  # BatchNorm statistics included
+        np.testing.assert_array_equal(before, after)
+    restored = keras.models.load_model(ckpt)
+    np.testing.assert_array_equal(restored.predict(x, verbose=0), model.predict(x, verbose=0))
+    # a term that goes non-finite inside the model is named, and the optimizer step is not applied
+    # (the forward pass of a *trainable* BatchNorm has already updated its moving statistics)
+    proxies = model.loss_min.proxies
+    proxies.assign(np.full(proxies.shape, np.nan, "float32"))
+    others = [w for w in model.trainable_weights if w is not proxies]
+    before = [w.numpy().copy() for w in others]
+    with pytest.raises(tf.errors.InvalidArgumentError, match="the (loss|dml) term became non-finite"):
+        model.fit(x, y, batch_size=20, epochs=1, verbose=0)
+    for value, w in zip(before, others):
+        np.testing.assert_array_equal(value, w.numpy())
+
+
+def test_strong_maximising_branch_and_extreme_inputs_stay_finite():
+    model = _model(lambda_max=0.5, lambda_min=0.05)
+    model.compile(optimizer=make_optimizer(learning_rate=1e-2, head_lr_multiplier=10.0, proxy_lr_multiplier=100.0))
+    rng = np.random.default_rng(0)
+    x = rng.choice([0.0, 255.0], size=(40, 8, 8, 1)).astype("float32")  # saturated binary images
+    x[:10] *= 40.0  # far outside the pixel range
+    y = np.repeat(np.arange(5), 8).astype("int32")
+    history = model.fit(x, y, batch_size=20, epochs=15, verbose=0)
+    assert all(np.isfinite(v).all() for v in history.history.values())
+    assert np.isfinite(model.predict(x, verbose=0)).all()
