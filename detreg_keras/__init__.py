@@ -29,7 +29,7 @@ from detreg_keras.flows import (  # noqa: E402
 )
 from detreg_keras.losses import DMLLoss, ProxyAnchorLoss, proxy_anchor_loss  # noqa: E402
 from detreg_keras.metrics import evaluate_embeddings, recall_at_k  # noqa: E402
-from detreg_keras.model import DRegModel, EmbeddingHead  # noqa: E402
+from detreg_keras.model import DRegModel, EmbeddingHead, load_model  # noqa: E402
 from detreg_keras.optim import GroupAdamW, make_optimizer  # noqa: E402
 from detreg_keras.regularizers import DeterminantRegularizer, determinant_regularizer  # noqa: E402
 
@@ -56,6 +56,7 @@ __all__ = [
     "determinant_regularizer",
     "evaluate_embeddings",
     "flows",
+    "load_model",
     "losses",
     "make_optimizer",
     "metrics",

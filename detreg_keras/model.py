@@ -22,6 +22,9 @@ baseline on the same backbone and embedding.
 
 from __future__ import annotations
 
+import os
+import zipfile
+from pathlib import Path
 from typing import Any, Sequence
 
 import keras
@@ -508,3 +511,37 @@ class DRegModel(keras.Model):
         config = dict(config)
         config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"], custom_objects=custom_objects)
         return cls(**config)
+
+
+def load_model(path: str | os.PathLike, safe_mode: bool = True, compile: bool = True) -> keras.Model:
+    """Load a saved ``.keras`` model with a clear error for missing or damaged files.
+
+    Keras' ``safe_mode`` (no arbitrary code from ``lambda`` layers) stays on by
+    default; the custom layers of this package are registered, so they load
+    without it.
+
+    Args:
+        path: the ``.keras`` file.
+        safe_mode: passed to ``keras.models.load_model``.
+        compile: re-compile with the saved optimizer (to resume training).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not a complete ``.keras`` archive (truncated,
+            corrupt or another format).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No saved model at {path}.")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+            damaged = archive.testzip()
+    except zipfile.BadZipFile as err:
+        raise ValueError(f"{path} is not a valid .keras archive (truncated or corrupt file): {err}") from err
+    if damaged is not None or not {"config.json", "model.weights.h5"} <= names:
+        raise ValueError(
+            f"{path} is an incomplete .keras archive (damaged member {damaged!r}, members {sorted(names)}); "
+            "it may have been truncated while copying or saving."
+        )
+    return keras.models.load_model(path, safe_mode=safe_mode, compile=compile)

@@ -273,3 +273,22 @@ def test_strong_maximising_branch_and_extreme_inputs_stay_finite():
     history = model.fit(x, y, batch_size=20, epochs=15, verbose=0)
     assert all(np.isfinite(v).all() for v in history.history.values())
     assert np.isfinite(model.predict(x, verbose=0)).all()
+
+
+def test_load_model_reports_truncated_and_missing_files(tmp_path):
+    from detreg_keras.model import load_model
+
+    model = _model(dueling=False)
+    x, _ = _data(5)
+    model(x[:2])
+    path = tmp_path / "model.keras"
+    model.save(path)
+    np.testing.assert_array_equal(load_model(path)(x).numpy(), model(x).numpy())  # safe_mode=True works
+    data = path.read_bytes()
+    truncated = tmp_path / "truncated.keras"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated"):
+        load_model(truncated)
+    with pytest.raises(FileNotFoundError, match="No saved model"):
+        load_model(tmp_path / "missing.keras")
+    assert path.read_bytes() == data  # the good file is untouched
