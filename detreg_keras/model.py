@@ -66,7 +66,7 @@ def _gather_global_batch(features: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Ten
 
 
 _NONFINITE_HINT = (
-    "training stopped before applying this step, so the weights and the last checkpoint are intact. "
+    "training stopped before the optimizer step, so the trainable weights and saved checkpoints are unchanged. "
     "Lower the learning rate or the lambdas, check the inputs for NaN/Inf, or use a smaller log_scale_bound."
 )
 

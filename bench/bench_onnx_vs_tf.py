@@ -1,0 +1,162 @@
+#!/usr/bin/env python
+"""Embedding latency: onnxruntime vs TensorFlow on ResNet50@224 + DReg heads, measured side by side.
+
+Model: ``DRegModel(backbone="resnet50", backbone_weights=None, image_size=224,
+embedding_dim=512, flow="realnvp", num_couplings=12, hidden_units=512)``
+(random weights: no ImageNet download; latency does not depend on the values).
+
+Contenders, timed in the same process, interleaved (the order rotates every
+repetition) so that load from other processes hits all of them alike:
+
+* ``tf``: ``tf.function`` of the Keras model with a fixed input signature,
+  traced once and warmed up;
+* ``ort_default``: ``onnxruntime.InferenceSession`` with default options
+  (``ORT_ENABLE_ALL``, one intra-op thread per core);
+* ``ort_t1``, ``ort_t2``: :class:`detreg_keras.retrieval.Embedder` (``ORT_ENABLE_ALL``,
+  sequential executor, optimized-graph cache, input validation included) with
+  1 and 2 intra-op threads (``--threads``).
+
+Reports the median latency of each, the ratio of medians TF/ORT, the median of
+the per-repetition ratios, CPU time per call and the max abs difference between
+the embeddings.
+
+    python bench/bench_onnx_vs_tf.py                         # batch 1 and 32
+    python bench/bench_onnx_vs_tf.py --batch-sizes 1 8 --reps 10 3 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--reps", type=int, nargs="+", default=[15, 3], help="repetitions per batch size")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                   help="intra-op thread counts of the Embedder variants (one ort_tN contender each)")
+    p.add_argument("--ort-config", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="extra onnxruntime session config entries for the Embedder variants")
+    p.add_argument("--workdir", default=None, help="keep the ONNX file / optimized cache here (default: temp)")
+    p.add_argument("--json", default=None, help="also write the results as JSON")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    reps = dict(zip(args.batch_sizes, args.reps + [args.reps[-1]] * len(args.batch_sizes)))
+    t_start = time.perf_counter()
+
+    import keras  # noqa: PLC0415
+    import onnxruntime as ort  # noqa: PLC0415
+    import tensorflow as tf  # noqa: PLC0415
+
+    import detreg_keras  # noqa: PLC0415
+    from detreg_keras import export  # noqa: PLC0415
+    from detreg_keras.retrieval import Embedder  # noqa: PLC0415
+
+    keras.utils.set_random_seed(0)
+    size = args.image_size
+    model = detreg_keras.DRegModel(
+        num_classes=100, backbone="resnet50", backbone_weights=None, image_size=size,
+        embedding_dim=512, flow="realnvp", num_couplings=12, hidden_units=512,
+    )
+    model(np.zeros((1, size, size, 3), np.float32))
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_onnx_"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    onnx_path = workdir / f"resnet50_{size}.onnx"
+    t0 = time.perf_counter()
+    reuse = onnx_path.exists() and export.read_onnx_metadata(onnx_path).get("model_hash") == export.model_hash(model)
+    if not reuse:
+        export.export_onnx(model, onnx_path, overwrite=True, check_batch_sizes=(1,))
+    export_s = time.perf_counter() - t0
+    ops = export.onnx_op_counts(onnx_path)
+    print(f"ONNX {'reused' if reuse else 'exported'} in {export_s:.1f} s: {onnx_path} "
+          f"(Conv {ops.get('Conv', 0)}, Transpose {ops.get('Transpose', 0)})", flush=True)
+
+    spec = tf.TensorSpec([None, size, size, 3], tf.float32, name="images")
+    tf_fn = tf.function(lambda images: model(images, training=False), input_signature=[spec])
+    default_session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    runners = {
+        "tf": lambda x: tf_fn(x).numpy(),
+        "ort_default": lambda x: default_session.run(["embeddings"], {"images": x})[0],
+    }
+    extra_config = dict(item.split("=", 1) for item in args.ort_config)
+    for threads in args.threads:
+        embedder = Embedder(
+            onnx_path, providers=["CPUExecutionProvider"], batch_size=max(args.batch_sizes),
+            intra_op_num_threads=threads, optimized_model_cache=workdir / "ort_cache", session_config=extra_config,
+        )
+        runners[f"ort_t{threads}"] = embedder.embed
+    ort_names = [name for name in runners if name != "tf"]
+
+    results = []
+    for batch in args.batch_sizes:
+        images = export.sample_images(batch, (size, size, 3), seed=batch)
+        outputs = {}
+        for name, run in runners.items():
+            for _ in range(args.warmup):
+                outputs[name] = run(images)
+        times = {name: [] for name in runners}
+        cpu = {name: [] for name in runners}
+        names = list(runners)
+        for rep in range(reps[batch]):
+            order = names[rep % len(names):] + names[: rep % len(names)]
+            for name in order:
+                c, t = time.process_time(), time.perf_counter()
+                runners[name](images)
+                times[name].append(time.perf_counter() - t)
+                cpu[name].append(time.process_time() - c)
+        med = {name: float(np.median(v)) * 1e3 for name, v in times.items()}
+        row = {
+            "batch": batch, "reps": reps[batch], "median_ms": med,
+            "ratio_tf_over": {name: med["tf"] / med[name] for name in ort_names},
+            "paired_ratio_median": {
+                name: float(np.median(np.array(times["tf"]) / np.array(times[name]))) for name in ort_names
+            },
+            "max_abs_diff": {name: float(np.max(np.abs(outputs[name] - outputs["tf"]))) for name in ort_names},
+            "min_ms": {name: float(np.min(v)) * 1e3 for name, v in times.items()},
+            "cpu_median_ms": {name: float(np.median(v)) * 1e3 for name, v in cpu.items()},
+            "load_avg": os.getloadavg()[0],
+        }
+        results.append(row)
+        print(f"batch {batch:>3} ({reps[batch]} reps, load {row['load_avg']:.1f}): tf {med['tf']:.1f} ms | "
+              + " | ".join(f"{n} {med[n]:.1f} ms ({row['ratio_tf_over'][n]:.2f}x)" for n in ort_names), flush=True)
+
+    print("\n| batch | runtime | median latency (ms) | TF / this (ratio of medians) | median of paired ratios | "
+          "CPU time per call (ms) | max abs diff vs TF | load avg |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        for name in runners:
+            ratio = "1.00x" if name == "tf" else f"{r['ratio_tf_over'][name]:.2f}x"
+            paired = "-" if name == "tf" else f"{r['paired_ratio_median'][name]:.2f}x"
+            diff = "-" if name == "tf" else f"{r['max_abs_diff'][name]:.1e}"
+            print(f"| {r['batch']} | {name} | {r['median_ms'][name]:.1f} | {ratio} | {paired} | "
+                  f"{r['cpu_median_ms'][name]:.0f} | {diff} | {r['load_avg']:.1f} |")
+    env = {
+        "python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
+        "onnxruntime": ort.__version__, "cpu_count": os.cpu_count(), "machine": platform.machine(),
+        "load_avg_end": os.getloadavg(), "ort_threads": args.threads, "total_s": time.perf_counter() - t_start,
+        "onnx_ops": ops,
+    }
+    print(f"\nenv: {json.dumps({k: v for k, v in env.items() if k != 'onnx_ops'})}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"results": results, "env": env}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,574 @@
+"""Export the inference path of a DReg model: ONNX (onnxruntime) and SavedModel (TF Serving).
+
+Only the retrieval embedding is exported::
+
+    images (float32 NHWC raw pixels in [0, 255]) ─ backbone (with its own
+    preprocessing) ─ GAP+GMP ─ Dense ─ flow_min ("head 1") ─ L2 ─ embeddings
+
+The maximising head (``flow_max``), the proxies and the loss layers are
+training-only and never reach an exported graph.
+
+* :func:`export_onnx` converts ``model.call`` with ``tf2onnx.convert.from_function``
+  and an explicit input signature (``tf2onnx.convert.from_keras`` is fragile on
+  Keras 3), writes provenance into the ONNX ``metadata_props`` (input/output
+  names, image size, channels, preprocessing, embedding dimension, detreg
+  version and :func:`model_hash`), and runs a parity check onnxruntime vs Keras
+  before the file appears at its final path.
+* :func:`export_saved_model` writes ``BASE/NAME/VERSION/`` for TF Serving with a
+  ``serving_default`` signature taking encoded images (``tf.string [None]``:
+  JPEG/PNG/BMP/GIF bytes, decoded, converted to RGB and resized in the graph)
+  and a ``serving_pixels`` signature taking float pixels ``[None, H, W, C]``;
+  both return ``{"embeddings": float32 [None, D]}``.
+
+Neither function overwrites an existing output unless ``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+#: Default ONNX opset (supported by onnxruntime >= 1.12 and TensorRT 8.x).
+DEFAULT_OPSET = 17
+#: Parity tolerance (max abs difference between onnxruntime and Keras embeddings).
+PARITY_ATOL = 1e-5
+INPUT_NAME = "images"
+OUTPUT_NAME = "embeddings"
+BYTES_SIGNATURE = "serving_default"
+PIXELS_SIGNATURE = "serving_pixels"
+METADATA_FILENAME = "detreg_metadata.json"
+PREPROCESSING_NOTE = (
+    "float32 NHWC RGB raw pixels in [0, 255], resized to the model's size by the caller; "
+    "normalisation (e.g. caffe mean subtraction) is inside the graph. "
+    "Output: L2-normalised embeddings of the minimising flow head; compare with inner product."
+)
+
+
+class ParityError(RuntimeError):
+    """The exported graph does not reproduce the Keras embeddings within tolerance."""
+
+
+@dataclass
+class ExportResult:
+    """What an export wrote.
+
+    Attributes:
+        path: the ONNX file or the SavedModel version directory.
+        model_hash: :func:`model_hash` of the exported model.
+        max_abs_diff: largest parity difference observed (``None`` when unchecked).
+        metadata: the metadata written with the export.
+    """
+
+    path: Path
+    model_hash: str
+    max_abs_diff: float | None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------- helpers
+def detreg_version() -> str:
+    """Version of the running ``detreg_keras`` package (``detreg_keras.__version__``)."""
+    import detreg_keras  # noqa: PLC0415
+
+    version = getattr(detreg_keras, "__version__", None)
+    if version:
+        return str(version)
+    try:
+        from importlib.metadata import version as dist_version  # noqa: PLC0415
+
+        return dist_version("detreg-keras")
+    except Exception:  # noqa: BLE001  (not installed: source checkout)
+        return "unknown"
+
+
+def load_model(model_or_path: keras.Model | str | os.PathLike) -> keras.Model:
+    """Return a Keras model from a model, a ``.keras`` file or a run directory holding ``model.keras``.
+
+    Raises:
+        FileNotFoundError: the path (or ``RUN_DIR/model.keras``) does not exist.
+        TypeError: ``model_or_path`` is neither a model nor a path.
+    """
+    if isinstance(model_or_path, keras.Model):
+        return model_or_path
+    if not isinstance(model_or_path, (str, os.PathLike)):
+        raise TypeError(
+            f"Expected a keras.Model, a .keras file or a run directory, got {type(model_or_path).__name__}."
+        )
+    path = Path(model_or_path)
+    if path.is_dir():
+        candidate = path / "model.keras"
+        if not candidate.is_file():
+            raise FileNotFoundError(f"Run directory {path} has no model.keras.")
+        path = candidate
+    if not path.is_file():
+        raise FileNotFoundError(f"No such model file: {path}")
+    import detreg_keras  # noqa: F401, PLC0415  (registers the custom objects)
+
+    return keras.models.load_model(path, compile=False)
+
+
+def image_shape(model: keras.Model) -> tuple[int, int, int]:
+    """``(height, width, channels)`` the model takes (from ``model.backbone`` for a DRegModel).
+
+    Raises:
+        ValueError: the input is not rank 4 or has an unknown spatial size / channels.
+    """
+    backbone = getattr(model, "backbone", None)
+    source = backbone if isinstance(backbone, keras.Model) else model
+    try:
+        shape = tuple(source.input_shape)
+    except (AttributeError, ValueError) as err:
+        raise ValueError(f"Cannot read the input shape of {model.name!r}: {err}") from err
+    if len(shape) != 4 or any(d is None for d in shape[1:]):
+        raise ValueError(
+            f"Export needs a fixed NHWC image input (None, H, W, C); {model.name!r} takes {shape}."
+        )
+    return int(shape[1]), int(shape[2]), int(shape[3])
+
+
+def _ensure_built(model: keras.Model, shape: tuple[int, int, int]) -> None:
+    if not model.built or not model.weights:
+        model(np.zeros((1,) + shape, np.float32), training=False)
+
+
+def inference_variables(model: keras.Model) -> list:
+    """Variables that determine the exported embedding, in a stable order.
+
+    For a DRegModel: backbone, embedding layer and the minimising flow (head 1);
+    head 2, proxies and optimizer state are excluded, so two models with the same
+    inference weights hash alike. Any other model: all of ``model.weights``.
+    """
+    parts = []
+    if hasattr(model, "backbone") and hasattr(model, "embedding") and hasattr(model, "flow_min"):
+        parts = [model.backbone.weights, model.embedding.weights]
+        if model.flow_min is not None:
+            parts.append(model.flow_min.weights)
+    else:
+        parts = [model.weights]
+    seen: set[int] = set()
+    out = []
+    for group in parts:
+        for variable in group:
+            if id(variable) not in seen:
+                seen.add(id(variable))
+                out.append(variable)
+    return out
+
+
+def model_hash(model: keras.Model) -> str:
+    """sha256 (hex) of the inference weights (:func:`inference_variables`): shapes, dtypes and values.
+
+    Stored in the ONNX metadata, the SavedModel metadata and every index built
+    from the model, so a retrieval index refuses embeddings of another model.
+    """
+    digest = hashlib.sha256(b"detreg-keras-weights-v1\n")
+    for i, variable in enumerate(inference_variables(model)):
+        value = np.asarray(keras.ops.convert_to_numpy(variable))
+        value = np.ascontiguousarray(value.astype(value.dtype.newbyteorder("<"), copy=False))
+        digest.update(f"{i}:{value.dtype.str}:{value.shape}\n".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+def sample_images(batch: int, shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
+    """A deterministic batch of float32 images in [0, 255] (parity checks)."""
+    rng = np.random.default_rng(seed)
+    return rng.uniform(0.0, 255.0, (int(batch),) + tuple(shape)).astype(np.float32)
+
+
+def export_metadata(model: keras.Model, opset: int | None = None) -> dict[str, str]:
+    """Provenance written into ONNX ``metadata_props`` and SavedModel ``assets.extra``."""
+    height, width, channels = image_shape(model)
+    dim = int(model.compute_output_shape((None, height, width, channels))[-1])
+    meta = {
+        "producer": "detreg_keras",
+        "detreg_version": detreg_version(),
+        "model_name": model.name,
+        "model_hash": model_hash(model),
+        "model_hash_algorithm": "sha256 of the inference weights (detreg_keras.export.model_hash)",
+        "input_name": INPUT_NAME,
+        "output_name": OUTPUT_NAME,
+        "input_layout": "NHWC",
+        "input_dtype": "float32",
+        "image_size": str(height) if height == width else f"{height}x{width}",
+        "image_height": str(height),
+        "image_width": str(width),
+        "channels": str(channels),
+        "preprocessing": PREPROCESSING_NOTE,
+        "embedding_dim": str(dim),
+        "l2_normalized": "true",
+        "similarity": "inner_product",
+        "flow": str(getattr(model, "flow_type", "unknown")),
+        "tensorflow_version": tf.__version__,
+        "keras_version": keras.__version__,
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if opset is not None:
+        meta["opset"] = str(opset)
+    return meta
+
+
+def inference_function(model: keras.Model) -> tf.types.experimental.GenericFunction:
+    """``tf.function`` ``images [None, H, W, C] float32 -> {"embeddings": [None, D]}`` (inference mode)."""
+    shape = image_shape(model)
+    spec = tf.TensorSpec([None, *shape], tf.float32, name=INPUT_NAME)
+
+    @tf.function(input_signature=[spec])
+    def embed(images):
+        return {OUTPUT_NAME: tf.cast(model(images, training=False), tf.float32)}
+
+    return embed
+
+
+def _check_writable(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it.")
+
+
+def _rename_batch_dim(model_proto, name: str = "batch") -> None:
+    """Give the dynamic batch dimension of the graph inputs/outputs a readable name."""
+    graph = model_proto.graph
+    old = set()
+    for value in list(graph.input) + list(graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if dims and dims[0].dim_param:
+            old.add(dims[0].dim_param)
+    for value in list(graph.input) + list(graph.output) + list(graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in old:
+                dim.dim_param = name
+
+
+# -------------------------------------------------------------------- ONNX
+def check_onnx_parity(
+    model: keras.Model,
+    onnx_path: str | os.PathLike,
+    batch_sizes: Sequence[int] = (1, 7),
+    images: np.ndarray | None = None,
+    atol: float = PARITY_ATOL,
+) -> float:
+    """Compare onnxruntime (CPU) with Keras on sample batches; return the max abs difference.
+
+    Args:
+        model: the Keras model that was exported.
+        onnx_path: the ONNX file.
+        batch_sizes: sizes of the random batches checked (ignored when ``images`` is given).
+        images: optional float32 NHWC batch to check instead of random images.
+        atol: tolerance.
+
+    Raises:
+        ParityError: the difference exceeds ``atol`` (or the output shape differs).
+    """
+    import onnxruntime as ort  # noqa: PLC0415
+
+    shape = image_shape(model)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    batches = [np.asarray(images, np.float32)] if images is not None else [
+        sample_images(b, shape, seed=i) for i, b in enumerate(batch_sizes)
+    ]
+    worst = 0.0
+    for batch in batches:
+        expected = keras.ops.convert_to_numpy(model(batch, training=False)).astype(np.float32)
+        got = session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+        if got.shape != expected.shape:
+            raise ParityError(f"ONNX output shape {got.shape} != Keras output shape {expected.shape}.")
+        diff = float(np.max(np.abs(got - expected))) if got.size else 0.0
+        if not np.isfinite(diff):
+            raise ParityError("ONNX or Keras embeddings contain NaN/inf on the sample batch.")
+        worst = max(worst, diff)
+        if diff > atol:
+            raise ParityError(
+                f"onnxruntime and Keras embeddings differ by {diff:.3g} > {atol:g} at batch size {len(batch)}."
+            )
+    return worst
+
+
+def export_onnx(
+    model_or_path: keras.Model | str | os.PathLike,
+    output_path: str | os.PathLike,
+    opset: int | None = None,
+    overwrite: bool = False,
+    check: bool = True,
+    check_batch_sizes: Sequence[int] = (1, 7),
+    check_images: np.ndarray | None = None,
+    atol: float = PARITY_ATOL,
+    extra_metadata: dict[str, str] | None = None,
+) -> ExportResult:
+    """Export the inference path to ONNX (dynamic batch, NHWC float32 input ``images``, output ``embeddings``).
+
+    Args:
+        model_or_path: a DRegModel (or any image→embedding ``keras.Model``), a
+            ``.keras`` file or a run directory holding ``model.keras``.
+        output_path: the ``.onnx`` file to write.
+        opset: ONNX opset (default :data:`DEFAULT_OPSET`).
+        overwrite: replace an existing ``output_path``.
+        check: run :func:`check_onnx_parity` before publishing the file.
+        check_batch_sizes: batch sizes of the parity check.
+        check_images: optional real images for the parity check.
+        atol: parity tolerance (default 1e-5).
+        extra_metadata: more ``metadata_props`` (string values).
+
+    Returns:
+        :class:`ExportResult`.
+
+    Raises:
+        FileExistsError: ``output_path`` exists and ``overwrite`` is False.
+        ParityError: onnxruntime and Keras disagree by more than ``atol``; no file is written.
+    """
+    import onnx  # noqa: PLC0415
+    import tf2onnx  # noqa: PLC0415
+
+    output_path = Path(output_path)
+    _check_writable(output_path, overwrite)
+    model = load_model(model_or_path)
+    shape = image_shape(model)
+    _ensure_built(model, shape)
+    opset = int(opset) if opset is not None else DEFAULT_OPSET
+
+    function = inference_function(model)
+    spec = function.input_signature
+    model_proto, _ = tf2onnx.convert.from_function(function, input_signature=spec, opset=opset)
+
+    inputs = [i.name for i in model_proto.graph.input]
+    outputs = [o.name for o in model_proto.graph.output]
+    if inputs != [INPUT_NAME] or outputs != [OUTPUT_NAME]:  # tf2onnx names them after the signature
+        raise RuntimeError(
+            f"Unexpected ONNX I/O names {inputs} -> {outputs}; expected [{INPUT_NAME}] -> [{OUTPUT_NAME}]."
+        )
+    _rename_batch_dim(model_proto)
+
+    meta = export_metadata(model, opset)
+    meta["tf2onnx_version"] = tf2onnx.__version__
+    meta.update({str(k): str(v) for k, v in (extra_metadata or {}).items()})
+    del model_proto.metadata_props[:]
+    for key, value in meta.items():
+        entry = model_proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    model_proto.producer_name = "detreg_keras"
+    model_proto.producer_version = meta["detreg_version"]
+    model_proto.doc_string = "DReg embedding (minimising flow head). " + PREPROCESSING_NOTE
+    onnx.checker.check_model(model_proto)
+
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{output_path.name}.", suffix=".tmp", dir=output_path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        tmp.write_bytes(model_proto.SerializeToString())
+        max_diff = (
+            check_onnx_parity(model, tmp, check_batch_sizes, check_images, atol) if check else None
+        )
+        if overwrite:
+            os.replace(tmp, output_path)
+        else:
+            try:
+                os.link(tmp, output_path)  # atomic, fails if the path appeared meanwhile
+            except FileExistsError:
+                raise FileExistsError(f"{output_path} appeared during the export; not overwriting it.") from None
+            except OSError:  # no hard links on this file system
+                _check_writable(output_path, overwrite=False)
+                os.replace(tmp, output_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return ExportResult(output_path, meta["model_hash"], max_diff, meta)
+
+
+def read_onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The ``metadata_props`` of an ONNX file as a dict (reads the graph, not only the header)."""
+    import onnx  # noqa: PLC0415
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+def onnx_op_counts(path_or_proto) -> dict[str, int]:
+    """Count of each op type in an ONNX graph (e.g. to check there are no Transposes around convs)."""
+    import onnx  # noqa: PLC0415
+
+    proto = path_or_proto if hasattr(path_or_proto, "graph") else onnx.load(str(path_or_proto))
+    counts: dict[str, int] = {}
+    for node in proto.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+# -------------------------------------------------------------- SavedModel
+class _ServingModule(tf.Module):
+    """The tf.Module saved for TF Serving: exposes two signatures over the inference layers.
+
+    For a DRegModel only the layers of the inference path (backbone, embedding,
+    head 1) are tracked, so the SavedModel holds no head 2, proxies or optimizer
+    state; any other model is tracked whole.
+    """
+
+    def __init__(self, model: keras.Model, shape: tuple[int, int, int]):
+        super().__init__(name="detreg_serving")
+        if hasattr(model, "backbone") and hasattr(model, "embedding") and hasattr(model, "flow_min"):
+            self.inference_layers = [model.backbone, model.embedding] + (
+                [model.flow_min] if model.flow_min is not None else []
+            )
+        else:
+            self.inference_layers = [model]
+        height, width, channels = shape
+        pixel_spec = tf.TensorSpec([None, height, width, channels], tf.float32, name=INPUT_NAME)
+
+        @tf.function(input_signature=[pixel_spec])
+        def serve_pixels(images):
+            return {OUTPUT_NAME: tf.cast(model(images, training=False), tf.float32)}
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_NAME)])
+        def serve_bytes(images):
+            return serve_pixels(decode_images(images, shape))
+
+        self.serve_pixels = serve_pixels
+        self.serve_bytes = serve_bytes
+
+
+def decode_images(encoded: tf.Tensor, shape: tuple[int, int, int]) -> tf.Tensor:
+    """Decode a ``tf.string [B]`` batch of JPEG/PNG/BMP/GIF bytes to float32 ``[B, H, W, C]`` in [0, 255].
+
+    Images are converted to RGB (or grayscale for ``C == 1``; alpha dropped, first
+    GIF frame) and resized with antialiased bilinear interpolation, as
+    :class:`detreg_keras.retrieval.Embedder` does with PIL for image files.
+    """
+    height, width, channels = shape
+
+    def one(data):
+        image = tf.io.decode_image(data, channels=channels, expand_animations=False, dtype=tf.uint8)
+        image.set_shape([None, None, channels])
+        image = tf.image.resize(tf.cast(image, tf.float32), [height, width], method="bilinear", antialias=True)
+        return tf.clip_by_value(image, 0.0, 255.0)
+
+    return tf.map_fn(one, encoded, fn_output_signature=tf.TensorSpec([height, width, channels], tf.float32))
+
+
+def export_saved_model(
+    model_or_path: keras.Model | str | os.PathLike,
+    base_dir: str | os.PathLike,
+    name: str,
+    version: int,
+    overwrite: bool = False,
+    check: bool = True,
+    atol: float = PARITY_ATOL,
+) -> ExportResult:
+    """Write a TF Serving SavedModel at ``base_dir/name/version/``.
+
+    Signatures (both return ``{"embeddings": float32 [None, D]}``):
+
+    * ``serving_default``: ``images`` ``tf.string [None]``, encoded JPEG/PNG/BMP/GIF
+      bytes (REST: ``{"instances": [{"b64": "..."}]}``), decoded/resized in the graph;
+    * ``serving_pixels``: ``images`` float32 ``[None, H, W, C]`` raw pixels in [0, 255].
+
+    The version is written to a hidden temporary folder and renamed when
+    complete, so a TF Serving instance polling ``base_dir/name`` never loads a
+    half-written version. ``assets.extra/detreg_metadata.json`` holds the
+    provenance (model hash, image size, ...).
+
+    Raises:
+        FileExistsError: the version folder exists and ``overwrite`` is False.
+        ValueError: ``version`` is not a positive integer or ``name`` is not a plain folder name.
+        ParityError: the saved ``serving_pixels`` signature disagrees with Keras.
+    """
+    version = int(version)
+    if version < 1:
+        raise ValueError(f"TF Serving versions are positive integers, got {version}.")
+    if not name or Path(name).name != name or name in (".", ".."):
+        raise ValueError(f"Model name must be a plain folder name, got {name!r}.")
+    model_dir = Path(base_dir) / name
+    target = model_dir / str(version)
+    _check_writable(target, overwrite)
+    model = load_model(model_or_path)
+    shape = image_shape(model)
+    _ensure_built(model, shape)
+
+    module = _ServingModule(model, shape)
+    signatures = {
+        BYTES_SIGNATURE: module.serve_bytes.get_concrete_function(),
+        PIXELS_SIGNATURE: module.serve_pixels.get_concrete_function(),
+    }
+    meta = export_metadata(model)
+    meta["signatures"] = f"{BYTES_SIGNATURE} (tf.string images), {PIXELS_SIGNATURE} (float32 images)"
+
+    model_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=model_dir))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp creates 0700; the server may run as another user
+        tf.saved_model.save(module, str(tmp), signatures=signatures)
+        extra = tmp / "assets.extra"
+        extra.mkdir(exist_ok=True)
+        (extra / METADATA_FILENAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        max_diff = check_saved_model_parity(model, tmp, atol=atol) if check else None
+        if target.exists():
+            if not overwrite:
+                raise FileExistsError(f"{target} already exists; pass overwrite=True (CLI: --overwrite).")
+            shutil.rmtree(target)
+        os.rename(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return ExportResult(target, meta["model_hash"], max_diff, meta)
+
+
+def check_saved_model_parity(
+    model: keras.Model, saved_model_dir: str | os.PathLike, batch: int = 3, atol: float = PARITY_ATOL
+) -> float:
+    """Load the SavedModel and compare its ``serving_pixels`` signature with Keras.
+
+    Raises:
+        ParityError: difference above ``atol``.
+    """
+    loaded = tf.saved_model.load(str(saved_model_dir))
+    images = sample_images(batch, image_shape(model), seed=1)
+    got = loaded.signatures[PIXELS_SIGNATURE](**{INPUT_NAME: tf.constant(images)})[OUTPUT_NAME].numpy()
+    expected = keras.ops.convert_to_numpy(model(images, training=False))
+    diff = float(np.max(np.abs(got - expected)))
+    if not diff <= atol:
+        raise ParityError(f"SavedModel and Keras embeddings differ by {diff:.3g} > {atol:g}.")
+    return diff
+
+
+def read_saved_model_metadata(version_dir: str | os.PathLike) -> dict[str, Any]:
+    """The ``assets.extra/detreg_metadata.json`` of an exported SavedModel version."""
+    return json.loads((Path(version_dir) / "assets.extra" / METADATA_FILENAME).read_text())
+
+
+__all__ = [
+    "BYTES_SIGNATURE",
+    "DEFAULT_OPSET",
+    "INPUT_NAME",
+    "OUTPUT_NAME",
+    "PARITY_ATOL",
+    "PIXELS_SIGNATURE",
+    "ExportResult",
+    "ParityError",
+    "check_onnx_parity",
+    "check_saved_model_parity",
+    "decode_images",
+    "export_metadata",
+    "export_onnx",
+    "export_saved_model",
+    "image_shape",
+    "inference_function",
+    "inference_variables",
+    "load_model",
+    "model_hash",
+    "onnx_op_counts",
+    "read_onnx_metadata",
+    "read_saved_model_metadata",
+    "sample_images",
+]

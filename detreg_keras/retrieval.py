@@ -1,0 +1,796 @@
+"""Retrieval with an exported model: onnxruntime embeddings and a faiss index.
+
+* :class:`Embedder` runs the ONNX file written by :func:`detreg_keras.export.export_onnx`
+  with onnxruntime (CUDA when ``onnxruntime-gpu`` is installed, else CPU; all
+  graph optimisations on) in batches. It takes NHWC ``uint8``/float arrays of
+  raw pixels or image files / encoded bytes (decoded with PIL, converted to RGB,
+  resized to the model's size) and returns float32 L2-normalised embeddings.
+* :class:`EmbeddingIndex` stores embeddings with their ids and labels in a faiss
+  index: exact inner product (``"flat"``, ``IndexFlatIP``) or approximate
+  (``"ivf"``: IVF-Flat with ``nlist``/``nprobe``; ``"hnsw"``: HNSW with
+  ``M``/``ef_search``). Embeddings are unit vectors, so inner product is cosine
+  similarity. ``save``/``load`` use faiss's own ``write_index``/``read_index``,
+  ``.npy`` arrays loaded with ``allow_pickle=False`` and a JSON metadata file —
+  no pickle anywhere; ``load`` refuses an index built by another model (model
+  hash) or of another dimension.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: Image file extensions considered by :func:`list_image_folder` (lower case).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+INDEX_KINDS = ("flat", "ivf", "hnsw")
+INDEX_FORMAT = "detreg-embedding-index"
+INDEX_FORMAT_VERSION = 1
+INDEX_FILE = "index.faiss"
+IDS_FILE = "ids.npy"
+LABELS_FILE = "labels.npy"
+METADATA_FILE = "metadata.json"
+
+def _detreg_version() -> str:
+    from detreg_keras.export import detreg_version  # noqa: PLC0415
+
+    return detreg_version()
+
+
+def _file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------ images
+class _TooManyPixels(Exception):
+    pass
+
+
+def load_image(
+    source: str | os.PathLike | bytes | io.IOBase,
+    size: tuple[int, int],
+    channels: int = 3,
+    max_pixels: int | None = None,
+) -> np.ndarray:
+    """Decode an image file or encoded bytes to float32 ``[H, W, C]`` raw pixels in [0, 255].
+
+    The image is converted to RGB (``channels=3``, alpha dropped) or grayscale
+    (``channels=1``), and resized to ``size = (H, W)`` with PIL's bilinear filter
+    (antialiased when shrinking, like the SavedModel's ``serving_default``). EXIF
+    orientation is not applied (neither does ``tf.io.decode_image``).
+
+    Args:
+        source: a path, encoded bytes or a binary file object.
+        size: ``(H, W)`` of the result.
+        channels: 3 (RGB) or 1 (grayscale).
+        max_pixels: refuse images larger than this (width × height) before decoding them.
+
+    Raises:
+        ValueError: the source cannot be read or decoded, is larger than
+            ``max_pixels``, or ``channels`` is not 1 or 3.
+    """
+    from PIL import Image  # noqa: PLC0415
+
+    if channels not in (1, 3):
+        raise ValueError(f"Only 1- or 3-channel models can take image files, this one has {channels} channels.")
+    name = "<bytes>" if isinstance(source, (bytes, bytearray, memoryview)) else str(source)
+    try:
+        handle = io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray, memoryview)) else source
+        with Image.open(handle) as image:
+            if max_pixels is not None and image.width * image.height > max_pixels:
+                raise _TooManyPixels(f"{image.width}x{image.height} exceeds the limit of {max_pixels} pixels")
+            image.seek(0)  # first frame of an animation
+            image = image.convert("RGB" if channels == 3 else "L")
+            height, width = int(size[0]), int(size[1])
+            if image.size != (width, height):
+                image = image.resize((width, height), Image.Resampling.BILINEAR)
+            array = np.asarray(image, dtype=np.float32)
+    except FileNotFoundError as err:
+        raise ValueError(f"Image file not found: {name}") from err
+    except _TooManyPixels as err:
+        raise ValueError(f"Image {name} is too large: {err}.") from err
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as err:
+        raise ValueError(f"Cannot decode image {name}: {type(err).__name__}: {err}") from err
+    if array.ndim == 2:
+        array = array[..., None]
+    return array
+
+
+def list_image_folder(
+    root: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS
+) -> tuple[list[Path], list[str]]:
+    """Images of ``root/<class>/**/*``: ``(paths, class names)``, sorted; hidden files/folders skipped.
+
+    Raises:
+        FileNotFoundError: ``root`` is not a directory.
+        ValueError: no image was found.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"Image folder not found: {root}")
+    extensions = tuple(e.lower() for e in extensions)
+    paths: list[Path] = []
+    labels: list[str] = []
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for dirpath, dirnames, filenames in os.walk(class_dir):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__MACOSX")
+            for filename in sorted(filenames):
+                if not filename.startswith(".") and filename.lower().endswith(extensions):
+                    paths.append(Path(dirpath) / filename)
+                    labels.append(class_dir.name)
+    if not paths:
+        raise ValueError(f"No images ({', '.join(extensions)}) found in class sub-folders of {root}.")
+    return paths, labels
+
+
+# ---------------------------------------------------------------- embedder
+def _available_providers() -> list[str]:
+    import onnxruntime as ort  # noqa: PLC0415
+
+    return list(ort.get_available_providers())
+
+
+def default_providers() -> list[str]:
+    """``["CUDAExecutionProvider", "CPUExecutionProvider"]`` with onnxruntime-gpu, else ``["CPUExecutionProvider"]``."""
+    available = _available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available] or available
+
+
+def _hardware_tag() -> str:
+    """A short tag of the CPU (optimized ONNX graphs with NCHWc layouts are hardware specific)."""
+    info = platform.machine() + platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "flags")):
+                    info += line
+                if line.strip() == "":
+                    break
+    except OSError:
+        pass
+    return hashlib.sha256(info.encode()).hexdigest()[:10]
+
+
+class Embedder:
+    """Batched onnxruntime embeddings of an ONNX file exported by :func:`detreg_keras.export.export_onnx`.
+
+    Args:
+        onnx_path: the ONNX model (input ``images`` float32 NHWC, output ``embeddings``).
+        providers: onnxruntime execution providers; default CUDA (when
+            onnxruntime-gpu is installed) then CPU.
+        batch_size: images per ``session.run``.
+        intra_op_num_threads: onnxruntime intra-op threads (``None``: one per physical core).
+        optimized_model_cache: a folder where the optimised graph is cached
+            (keyed by the model file hash, onnxruntime version and CPU), which
+            makes later sessions start faster; ``None`` disables the cache.
+        graph_optimization_level: ``"all"`` (default), ``"extended"``, ``"basic"`` or ``"disable"``.
+        session_config: extra onnxruntime session config entries, e.g.
+            ``{"session.intra_op.allow_spinning": "0"}`` (less CPU burnt on a busy machine).
+
+    Attributes:
+        image_size: ``(H, W)``; ``channels``; ``embedding_dim``; ``model_hash``
+        (from the ONNX metadata, else ``"onnx-sha256:<file hash>"``); ``metadata``
+        (the ONNX ``metadata_props``); ``providers`` (those in use).
+    """
+
+    def __init__(
+        self,
+        onnx_path: str | os.PathLike,
+        providers: Sequence[str | tuple[str, dict]] | None = None,
+        batch_size: int = 64,
+        intra_op_num_threads: int | None = None,
+        optimized_model_cache: str | os.PathLike | None = None,
+        graph_optimization_level: str = "all",
+        session_config: dict[str, str] | None = None,
+    ):
+        import onnxruntime as ort  # noqa: PLC0415
+
+        self.onnx_path = Path(onnx_path)
+        if not self.onnx_path.is_file():
+            raise FileNotFoundError(f"ONNX model not found: {self.onnx_path}")
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        self.batch_size = int(batch_size)
+        levels = {
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        }
+        if graph_optimization_level not in levels:
+            raise ValueError(
+                f"graph_optimization_level must be one of {sorted(levels)}, got {graph_optimization_level!r}."
+            )
+        options = ort.SessionOptions()
+        options.graph_optimization_level = levels[graph_optimization_level]
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.inter_op_num_threads = 1
+        if intra_op_num_threads is not None:
+            options.intra_op_num_threads = int(intra_op_num_threads)
+        for key, value in (session_config or {}).items():
+            options.add_session_config_entry(str(key), str(value))
+        providers = list(providers) if providers is not None else default_providers()
+
+        model_file = self.onnx_path
+        cache_tmp = cache_path = None
+        self._file_hash: str | None = None
+        if optimized_model_cache is not None:
+            self._file_hash = _file_sha256(self.onnx_path)
+            cache_dir = Path(optimized_model_cache)
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            names = (p if isinstance(p, str) else p[0] for p in providers)
+            provider_tag = "-".join(names).replace("ExecutionProvider", "")
+            cache_path = cache_dir / (
+                f"{self.onnx_path.stem}.{self._file_hash[:16]}.ort{ort.__version__}.{_hardware_tag()}"
+                f".{provider_tag}.{graph_optimization_level}.onnx"
+            )
+            if cache_path.is_file():
+                model_file = cache_path
+            else:
+                cache_tmp = cache_path.with_name(f".{cache_path.name}.{os.getpid()}.tmp")
+                options.optimized_model_filepath = str(cache_tmp)
+        self.optimized_model_path = cache_path
+        try:
+            self.session = ort.InferenceSession(str(model_file), options, providers=providers)
+        except Exception:  # noqa: BLE001  (a stale or corrupt cache file: rebuild it from the source model)
+            if model_file == self.onnx_path:
+                raise
+            cache_path.unlink(missing_ok=True)
+            cache_tmp = cache_path.with_name(f".{cache_path.name}.{os.getpid()}.tmp")
+            options.optimized_model_filepath = str(cache_tmp)
+            self.session = ort.InferenceSession(str(self.onnx_path), options, providers=providers)
+        if cache_tmp is not None and cache_tmp.exists():
+            os.replace(cache_tmp, cache_path)
+
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if len(inputs) != 1 or len(outputs) < 1:
+            raise ValueError(f"{self.onnx_path} must have one image input, has {len(inputs)} inputs.")
+        self.input_name = inputs[0].name
+        self.output_name = "embeddings" if any(o.name == "embeddings" for o in outputs) else outputs[0].name
+        self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
+        shape = list(inputs[0].shape)
+        if len(shape) != 4:
+            raise ValueError(f"{self.onnx_path}: expected an NHWC image input of rank 4, got shape {shape}.")
+        if inputs[0].type != "tensor(float)":
+            raise ValueError(f"{self.onnx_path}: expected a float32 input, got {inputs[0].type}.")
+
+        def dim(value, key):
+            if isinstance(value, int) and value > 0:
+                return value
+            if key in self.metadata:
+                return int(self.metadata[key])
+            raise ValueError(f"{self.onnx_path}: input dimension {key} is dynamic and not in the metadata.")
+
+        self.image_size = (dim(shape[1], "image_height"), dim(shape[2], "image_width"))
+        self.channels = dim(shape[3], "channels")
+        out_shape = next(o.shape for o in outputs if o.name == self.output_name)
+        last = out_shape[-1] if out_shape else None
+        self.embedding_dim = last if isinstance(last, int) else int(self.metadata.get("embedding_dim", 0)) or None
+        if "model_hash" in self.metadata:
+            self.model_hash = self.metadata["model_hash"]
+        else:
+            self._file_hash = self._file_hash or _file_sha256(self.onnx_path)
+            self.model_hash = f"onnx-sha256:{self._file_hash}"
+        self.providers = self.session.get_providers()
+
+    def __repr__(self) -> str:
+        return (
+            f"Embedder({str(self.onnx_path)!r}, image_size={self.image_size}, channels={self.channels}, "
+            f"embedding_dim={self.embedding_dim}, providers={self.providers})"
+        )
+
+    # -------------------------------------------------------- validation
+    def validate_array(self, images: np.ndarray) -> np.ndarray:
+        """Check an NHWC (or HWC) pixel array and return it as float32 ``[B, H, W, C]``.
+
+        Raises:
+            ValueError: wrong dtype (not uint8/float), rank (not 3 or 4), channels,
+                spatial size, non-finite values or values outside [0, 255].
+        """
+        array = np.asarray(images)
+        if array.dtype != np.uint8 and not np.issubdtype(array.dtype, np.floating):
+            raise ValueError(
+                f"Images must be uint8 or float arrays of raw pixels in [0, 255], got dtype {array.dtype}."
+            )
+        if array.ndim == 3:
+            array = array[None]
+        if array.ndim != 4:
+            raise ValueError(
+                f"Images must be NHWC arrays of rank 4 (or one HWC image of rank 3), got rank {array.ndim} "
+                f"with shape {array.shape}."
+            )
+        height, width = self.image_size
+        if array.shape[-1] != self.channels:
+            raise ValueError(
+                f"The model takes {self.channels}-channel NHWC images, got {array.shape[-1]} channels "
+                f"(shape {array.shape}); convert to {'RGB' if self.channels == 3 else 'grayscale'} "
+                "(channels last)."
+            )
+        if array.shape[1:3] != (height, width):
+            raise ValueError(
+                f"The model takes {height}x{width} images, got {array.shape[1]}x{array.shape[2]} "
+                f"(shape {array.shape}); resize them (or pass file paths / encoded bytes, which are resized)."
+            )
+        was_float = array.dtype != np.uint8
+        array = array.astype(np.float32, copy=False)
+        if was_float and array.size:
+            if not np.all(np.isfinite(array)):
+                raise ValueError("Images contain NaN or infinite values.")
+            low, high = float(array.min()), float(array.max())
+            if low < 0.0 or high > 255.0:
+                raise ValueError(
+                    f"Pixel values must be raw pixels in [0, 255] (preprocessing is inside the model), "
+                    f"got values in [{low:.3g}, {high:.3g}]."
+                )
+            if high <= 1.0 and array.size > 3 * self.channels:
+                warnings.warn(
+                    "All pixel values are <= 1: the model expects raw pixels in [0, 255], "
+                    "not images scaled to [0, 1].",
+                    UserWarning,
+                    stacklevel=3,
+                )
+        return np.ascontiguousarray(array)
+
+    def load(self, source) -> np.ndarray:
+        """One image (path, encoded bytes or ``[H, W, C]`` array) as float32 ``[H, W, C]``."""
+        if isinstance(source, np.ndarray):
+            if source.ndim != 3:
+                raise ValueError(f"Each image in a list must be an HWC array of rank 3, got shape {source.shape}.")
+            return self.validate_array(source)[0]
+        if isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)):
+            return load_image(source, self.image_size, self.channels)
+        raise ValueError(  # noqa: TRY004  (documented: invalid inputs raise ValueError)
+            f"Cannot embed an object of type {type(source).__name__}: pass NHWC arrays, image paths or encoded bytes."
+        )
+
+    def _chunks(self, images) -> Iterator[np.ndarray]:
+        if isinstance(images, np.ndarray):
+            array = self.validate_array(images)
+            for start in range(0, len(array), self.batch_size):
+                yield array[start : start + self.batch_size]
+            return
+        if isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview)):
+            images = [images]
+        if not isinstance(images, Iterable):
+            raise ValueError(f"Cannot embed an object of type {type(images).__name__}.")  # noqa: TRY004
+        batch: list[np.ndarray] = []
+        for source in images:
+            batch.append(self.load(source))
+            if len(batch) == self.batch_size:
+                yield np.stack(batch)
+                batch = []
+        if batch:
+            yield np.stack(batch)
+
+    # ---------------------------------------------------------- inference
+    def embed(self, images) -> np.ndarray:
+        """Embeddings ``float32 [N, D]`` of images.
+
+        Args:
+            images: an NHWC ``uint8``/float array of raw pixels in [0, 255] (or one
+                HWC image), an image path, encoded bytes, or a sequence of those
+                (paths and bytes are decoded to RGB and resized to the model's size).
+
+        Raises:
+            ValueError: invalid images (see :meth:`validate_array`, :func:`load_image`).
+        """
+        outputs = [
+            self.session.run([self.output_name], {self.input_name: chunk})[0] for chunk in self._chunks(images)
+        ]
+        if not outputs:
+            return np.zeros((0, self.embedding_dim or 0), np.float32)
+        return np.ascontiguousarray(np.concatenate(outputs).astype(np.float32, copy=False))
+
+    __call__ = embed
+
+
+# ------------------------------------------------------------------- index
+_PARAM_ALIASES = {
+    "M": "m",
+    "efSearch": "ef_search",
+    "efsearch": "ef_search",
+    "efConstruction": "ef_construction",
+    "efconstruction": "ef_construction",
+}
+_KIND_PARAMS = {
+    "flat": set(),
+    "ivf": {"nlist", "nprobe", "train_size", "niter"},
+    "hnsw": {"m", "ef_search", "ef_construction"},
+}
+
+
+def _as_matrix(x, what: str, dim: int | None = None) -> np.ndarray:
+    array = np.asarray(x)
+    if array.dtype == object or not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        raise ValueError(f"{what} must be a numeric array, got dtype {array.dtype}.")
+    if array.ndim == 1:
+        array = array[None]
+    if array.ndim != 2:
+        raise ValueError(f"{what} must be a 2-D array [N, D], got shape {array.shape}.")
+    if dim is not None and array.shape[1] != dim:
+        raise ValueError(f"{what} have dimension {array.shape[1]}, the index has dimension {dim}.")
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    if not np.all(np.isfinite(array)):
+        raise ValueError(f"{what} contain NaN or infinite values.")
+    return array
+
+
+def _as_column(values, n: int, what: str) -> np.ndarray:
+    array = np.asarray(values)
+    if array.dtype == object:
+        if all(isinstance(v, str) for v in array.ravel()):
+            array = array.astype(str)
+        else:
+            raise ValueError(f"{what} must be integers or strings.")
+    if array.ndim != 1 or len(array) != n:
+        raise ValueError(f"{what} must be a 1-D array of length {n}, got shape {array.shape}.")
+    if np.issubdtype(array.dtype, np.integer) or array.dtype == bool:
+        return array.astype(np.int64)
+    if array.dtype.kind == "U":
+        return array
+    if array.dtype.kind == "S":
+        return array.astype(str)
+    raise ValueError(f"{what} must be integers or strings, got dtype {array.dtype}.")
+
+
+def _missing_value(array: np.ndarray):
+    return "" if array.dtype.kind == "U" else -1
+
+
+class EmbeddingIndex:
+    """A faiss index of embeddings with ids and labels (inner product = cosine for unit vectors).
+
+    Example::
+
+        index = EmbeddingIndex(model_hash=embedder.model_hash).build(emb, ids=paths, labels=classes, kind="hnsw")
+        ids, labels, scores = index.search(embedder.embed(queries), k=5)
+        index.save("index_dir")
+        index = EmbeddingIndex.load("index_dir", expected_model_hash=embedder.model_hash)
+
+    Args:
+        model_hash: hash of the model that produced the embeddings
+            (:attr:`Embedder.model_hash`); ``load`` checks it.
+    """
+
+    def __init__(self, model_hash: str | None = None):
+        self.model_hash = model_hash
+        self.index = None
+        self.kind: str | None = None
+        self.params: dict[str, int] = {}
+        self.ids: np.ndarray | None = None
+        self.labels: np.ndarray | None = None
+        self.extra: dict[str, Any] = {}
+
+    # ---------------------------------------------------------- properties
+    @property
+    def dimension(self) -> int | None:
+        return None if self.index is None else int(self.index.d)
+
+    @property
+    def count(self) -> int:
+        return 0 if self.index is None else int(self.index.ntotal)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __repr__(self) -> str:
+        return (
+            f"EmbeddingIndex(kind={self.kind!r}, count={self.count}, dimension={self.dimension}, "
+            f"params={self.params})"
+        )
+
+    # --------------------------------------------------------------- build
+    @staticmethod
+    def _normalise_params(kind: str, params: dict[str, Any]) -> dict[str, int]:
+        out = {}
+        for key, value in params.items():
+            if value is None:
+                continue
+            key = _PARAM_ALIASES.get(key, key)
+            if key not in _KIND_PARAMS[kind]:
+                raise ValueError(f"Unknown parameter {key!r} for kind={kind!r}; expected {sorted(_KIND_PARAMS[kind])}.")
+            if int(value) < 1:
+                raise ValueError(f"{key} must be >= 1, got {value}.")
+            out[key] = int(value)
+        return out
+
+    def build(
+        self,
+        embeddings: np.ndarray,
+        ids: Sequence | np.ndarray | None = None,
+        labels: Sequence | np.ndarray | None = None,
+        kind: str = "flat",
+        **params,
+    ) -> EmbeddingIndex:
+        """Index ``embeddings [N, D]`` (replacing any previous content); returns ``self``.
+
+        Args:
+            embeddings: float array ``[N, D]`` (unit vectors for cosine similarity).
+            ids: one id per row, integers or strings (unique); default ``0..N-1``.
+            labels: optional label per row, integers or strings (e.g. class names).
+            kind: ``"flat"`` (exact, ``IndexFlatIP``), ``"ivf"`` (IVF-Flat) or ``"hnsw"``.
+            **params: for ``"ivf"``: ``nlist`` (default ``≈4·sqrt(N)``, at most
+                ``N // 39``), ``nprobe`` (default ``max(1, nlist // 16)``), ``train_size``
+                (k-means training sample, default ``min(N, 50·nlist)``, seeded) and
+                ``niter`` (k-means iterations, 10 as in faiss); for ``"hnsw"``: ``M``/``m`` (32),
+                ``ef_search``/``efSearch`` (128) and ``ef_construction``/``efConstruction`` (40).
+
+        Raises:
+            ValueError: bad shapes, non-finite values, duplicate ids, unknown kind/params,
+                or fewer embeddings than IVF lists.
+        """
+        import faiss  # noqa: PLC0415
+
+        kind = str(kind).lower()
+        if kind not in INDEX_KINDS:
+            raise ValueError(f"Unknown index kind {kind!r}; expected one of {INDEX_KINDS}.")
+        x = _as_matrix(embeddings, "Embeddings")
+        n, dim = x.shape
+        if n == 0:
+            raise ValueError("Cannot build an index from 0 embeddings.")
+        ids_arr = np.arange(n, dtype=np.int64) if ids is None else _as_column(ids, n, "ids")
+        if len(np.unique(ids_arr)) != n:
+            raise ValueError("ids must be unique.")
+        labels_arr = None if labels is None else _as_column(labels, n, "labels")
+        params = self._normalise_params(kind, params)
+
+        if kind == "flat":
+            index = faiss.IndexFlatIP(dim)
+        elif kind == "ivf":
+            nlist = params.setdefault("nlist", max(1, min(round(4 * np.sqrt(n)), n // 39)))
+            if nlist > n:
+                raise ValueError(f"kind='ivf' needs at least nlist={nlist} embeddings to train, got {n}.")
+            params.setdefault("nprobe", max(1, nlist // 16))
+            train_size = min(n, params.setdefault("train_size", min(n, 50 * nlist)))
+            if train_size < nlist:
+                raise ValueError(f"train_size={train_size} must be >= nlist={nlist}.")
+            quantizer = faiss.IndexFlatIP(dim)
+            index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            index.cp.niter = params.setdefault("niter", 10)
+            index.cp.max_points_per_centroid = max(1, -(-train_size // nlist))
+            sample = x if train_size >= n else x[np.sort(np.random.default_rng(0).choice(n, train_size, replace=False))]
+            index.train(sample)
+            index.nprobe = params["nprobe"]
+        else:
+            params.setdefault("m", 32)
+            params.setdefault("ef_construction", 40)
+            params.setdefault("ef_search", 128)
+            index = faiss.IndexHNSWFlat(dim, params["m"], faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = params["ef_construction"]
+            index.hnsw.efSearch = params["ef_search"]
+        index.add(x)
+        self.index, self.kind, self.params = index, kind, params
+        self.ids, self.labels = ids_arr, labels_arr
+        return self
+
+    def add(self, embeddings: np.ndarray, ids=None, labels=None) -> EmbeddingIndex:
+        """Append embeddings to a built index (ids default to ``max(ids) + 1, ...`` for integer ids)."""
+        if self.index is None:
+            raise ValueError("Build the index before adding to it.")
+        x = _as_matrix(embeddings, "Embeddings", self.dimension)
+        n = len(x)
+        if ids is None:
+            if self.ids.dtype.kind == "U":
+                raise ValueError("This index has string ids: pass ids= to add().")
+            start = int(self.ids.max()) + 1 if len(self.ids) else 0
+            new_ids = np.arange(start, start + n, dtype=np.int64)
+        else:
+            new_ids = _as_column(ids, n, "ids")
+        if new_ids.dtype.kind != self.ids.dtype.kind:
+            raise ValueError(f"ids must have the same type as the index's ids ({self.ids.dtype}), got {new_ids.dtype}.")
+        if len(np.unique(np.concatenate([self.ids, new_ids]))) != len(self.ids) + n:
+            raise ValueError("ids must be unique (some new ids are duplicated or already in the index).")
+        if (labels is None) != (self.labels is None):
+            raise ValueError("Pass labels to add() exactly when the index has labels.")
+        new_labels = None if labels is None else _as_column(labels, n, "labels")
+        if new_labels is not None and new_labels.dtype.kind != self.labels.dtype.kind:
+            raise ValueError(f"labels must have the same type as the index's labels ({self.labels.dtype}).")
+        self.index.add(x)
+        self.ids = np.concatenate([self.ids, new_ids])
+        if new_labels is not None:
+            self.labels = np.concatenate([self.labels, new_labels])
+        return self
+
+    # -------------------------------------------------------------- search
+    def search(
+        self, queries: np.ndarray, k: int = 10, nprobe: int | None = None, ef_search: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """The ``k`` most similar indexed items of each query.
+
+        Args:
+            queries: ``[Q, D]`` (or one ``[D]`` vector).
+            k: neighbours per query (at most the index size).
+            nprobe: IVF lists probed (overrides the index default for this call).
+            ef_search: HNSW search breadth (overrides the default for this call).
+
+        Returns:
+            ``(ids [Q, k], labels [Q, k] or None, scores [Q, k] float32)``, best
+            first. Slots an approximate index could not fill hold id/label ``-1``
+            (``""`` for string ids/labels) and score ``-inf``.
+
+        Raises:
+            ValueError: empty index, bad query shape/dimension or ``k < 1``.
+        """
+        import faiss  # noqa: PLC0415
+
+        if self.index is None or self.count == 0:
+            raise ValueError("The index is empty: build() or load() it first.")
+        q = _as_matrix(queries, "Queries", self.dimension)
+        if int(k) < 1:
+            raise ValueError(f"k must be >= 1, got {k}.")
+        k = min(int(k), self.count)
+        search_params = None
+        if self.kind == "ivf":
+            search_params = faiss.SearchParametersIVF(nprobe=int(nprobe or self.params["nprobe"]))
+        elif self.kind == "hnsw":
+            search_params = faiss.SearchParametersHNSW(efSearch=max(int(ef_search or self.params["ef_search"]), k))
+        elif nprobe is not None or ef_search is not None:
+            raise ValueError("nprobe applies to kind='ivf' and ef_search to kind='hnsw' only.")
+        scores, positions = self.index.search(q, k, params=search_params)
+        missing = positions < 0
+        safe = np.where(missing, 0, positions)
+        ids = self.ids[safe]
+        labels = None if self.labels is None else self.labels[safe]
+        if missing.any():
+            ids = np.where(missing, _missing_value(self.ids), ids)
+            if labels is not None:
+                labels = np.where(missing, _missing_value(self.labels), labels)
+            scores = np.where(missing, -np.inf, scores)
+        return ids, labels, scores.astype(np.float32, copy=False)
+
+    # ------------------------------------------------------------ save/load
+    def metadata(self) -> dict[str, Any]:
+        import faiss  # noqa: PLC0415
+
+        return {
+            "format": INDEX_FORMAT,
+            "format_version": INDEX_FORMAT_VERSION,
+            "dimension": self.dimension,
+            "kind": self.kind,
+            "params": dict(self.params),
+            "metric": "inner_product",
+            "model_hash": self.model_hash,
+            "count": self.count,
+            "ids_dtype": None if self.ids is None else self.ids.dtype.str,
+            "labels_dtype": None if self.labels is None else self.labels.dtype.str,
+            "detreg_version": _detreg_version(),
+            "faiss_version": faiss.__version__,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "files": {"index": INDEX_FILE, "ids": IDS_FILE, "labels": LABELS_FILE if self.labels is not None else None},
+            "extra": self.extra,
+        }
+
+    def save(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write ``index.faiss`` (faiss ``write_index``), ``ids.npy``, ``labels.npy`` and ``metadata.json``.
+
+        The folder is written next to its final place and renamed when complete.
+
+        Raises:
+            FileExistsError: ``directory`` exists and is not empty, and ``overwrite`` is False.
+            ValueError: the index is empty.
+        """
+        import faiss  # noqa: PLC0415
+
+        if self.index is None:
+            raise ValueError("Nothing to save: build() the index first.")
+        directory = Path(directory)
+        if directory.exists() and (not directory.is_dir() or any(directory.iterdir())) and not overwrite:
+            raise FileExistsError(f"{directory} exists and is not empty; pass overwrite=True (CLI: --overwrite).")
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            os.chmod(tmp, 0o755)
+            faiss.write_index(self.index, str(tmp / INDEX_FILE))
+            np.save(tmp / IDS_FILE, self.ids, allow_pickle=False)
+            if self.labels is not None:
+                np.save(tmp / LABELS_FILE, self.labels, allow_pickle=False)
+            (tmp / METADATA_FILE).write_text(json.dumps(self.metadata(), indent=2, sort_keys=True))
+            if directory.exists():
+                if directory.is_dir():
+                    shutil.rmtree(directory)
+                else:
+                    directory.unlink()
+            os.rename(tmp, directory)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return directory
+
+    @classmethod
+    def load(
+        cls,
+        directory: str | os.PathLike,
+        expected_model_hash: str | None = None,
+        expected_dimension: int | None = None,
+    ) -> EmbeddingIndex:
+        """Load an index written by :meth:`save` (no pickle: faiss ``read_index``, ``.npy``, JSON).
+
+        Args:
+            directory: the index folder.
+            expected_model_hash: refuse the index unless it was built from this
+                model's embeddings (:attr:`Embedder.model_hash`).
+            expected_dimension: refuse the index unless it has this dimension.
+
+        Raises:
+            FileNotFoundError: missing folder or files.
+            ValueError: not a detreg index, inconsistent files, model hash or dimension mismatch.
+        """
+        import faiss  # noqa: PLC0415
+
+        directory = Path(directory)
+        meta_path = directory / METADATA_FILE
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{directory} is not an index folder (no {METADATA_FILE}).")
+        meta = json.loads(meta_path.read_text())
+        if not isinstance(meta, dict) or meta.get("format") != INDEX_FORMAT:
+            raise ValueError(f"{meta_path} is not a {INDEX_FORMAT} metadata file.")
+        if int(meta.get("format_version", -1)) > INDEX_FORMAT_VERSION:
+            raise ValueError(f"{directory} has index format version {meta['format_version']}; this code reads "
+                             f"<= {INDEX_FORMAT_VERSION}. Upgrade detreg-keras.")
+        stored_hash = meta.get("model_hash")
+        if expected_model_hash is not None and stored_hash != expected_model_hash:
+            raise ValueError(
+                f"Index {directory} was built with embeddings of model {stored_hash!r}, not of the model in use "
+                f"({expected_model_hash!r}); its similarities would be meaningless. Rebuild the index with this model."
+            )
+        dimension = int(meta["dimension"])
+        if expected_dimension is not None and dimension != int(expected_dimension):
+            raise ValueError(
+                f"Index {directory} has dimension {dimension}, expected {expected_dimension} (embedding dimension)."
+            )
+        kind = meta.get("kind")
+        if kind not in INDEX_KINDS:
+            raise ValueError(f"{meta_path}: unknown index kind {kind!r}.")
+        index = faiss.read_index(str(directory / INDEX_FILE))
+        ids = np.load(directory / IDS_FILE, allow_pickle=False)
+        labels_file = (meta.get("files") or {}).get("labels")
+        labels = np.load(directory / labels_file, allow_pickle=False) if labels_file else None
+        count = int(meta["count"])
+        if int(index.d) != dimension:
+            raise ValueError(f"{directory}: faiss index dimension {index.d} != metadata dimension {dimension}.")
+        if int(index.ntotal) != count or len(ids) != count or (labels is not None and len(labels) != count):
+            raise ValueError(
+                f"{directory}: inconsistent sizes (faiss {index.ntotal}, ids {len(ids)}, "
+                f"labels {None if labels is None else len(labels)}, metadata {count})."
+            )
+        out = cls(model_hash=stored_hash)
+        out.index, out.kind, out.ids, out.labels = index, kind, ids, labels
+        out.params = {k: int(v) for k, v in (meta.get("params") or {}).items()}
+        out.extra = dict(meta.get("extra") or {})
+        return out
+
+
+def recall_against_exact(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
+    """Mean fraction of the exact top-k found by an approximate search (recall@k of the index)."""
+    approx_ids, exact_ids = np.asarray(approx_ids), np.asarray(exact_ids)
+    if approx_ids.shape != exact_ids.shape:
+        raise ValueError(f"Shapes differ: {approx_ids.shape} vs {exact_ids.shape}.")
+    hits = sum(len(np.intersect1d(a, e)) for a, e in zip(approx_ids, exact_ids))
+    return hits / exact_ids.size if exact_ids.size else 1.0
+
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "INDEX_KINDS",
+    "Embedder",
+    "EmbeddingIndex",
+    "default_providers",
+    "list_image_folder",
+    "load_image",
+    "recall_against_exact",
+]

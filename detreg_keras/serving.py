@@ -1,0 +1,405 @@
+"""A small HTTP retrieval service (FastAPI + uvicorn) over an ONNX embedder and a faiss index.
+
+Endpoints:
+
+* ``GET /health``: model hash, image size, embedding dimension, index summary.
+* ``POST /embed``: images → ``{"embeddings": [[...]], "dimension", "model_hash", "count"}``.
+* ``POST /search?k=5``: images → ``{"k", "results": [[{"rank", "id", "label", "score"}, ...]]}``
+  (``503`` when the service runs without an index).
+
+Images are sent either as ``multipart/form-data`` file parts (any field name,
+e.g. ``curl -F files=@a.jpg -F files=@b.png``) or as JSON
+``{"images": ["<base64>", ...], "k": 5}`` (items may also be ``{"b64": "..."}``
+as in TF Serving's REST API, or ``data:image/...;base64,`` URLs). Bodies larger
+than ``max_request_bytes`` (default 10 MiB) get ``413``; malformed JSON or
+base64 ``400``; an unsupported content type ``415``; undecodable images, too
+many images or a bad ``k`` ``422`` — always with a ``{"detail": "..."}`` message.
+
+Run it::
+
+    python -m detreg_keras.serving --model model.onnx --index index_dir --host 127.0.0.1 --port 8000
+
+Needs the ``serve`` extra: ``pip install 'detreg-keras[serve]'`` (fastapi, uvicorn,
+python-multipart; httpx for the tests).
+"""
+
+import argparse
+import base64
+import binascii
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from detreg_keras.retrieval import Embedder, EmbeddingIndex, load_image
+
+DEFAULT_MAX_REQUEST_BYTES = 10 * 1024 * 1024
+DEFAULT_MAX_IMAGES = 64
+DEFAULT_MAX_K = 100
+DEFAULT_MAX_PIXELS = 40_000_000  # decoded size cap per image (decompression bombs)
+
+
+def _require_fastapi():
+    try:
+        import fastapi  # noqa: F401, PLC0415
+        import uvicorn  # noqa: F401, PLC0415
+
+        try:  # python-multipart, used by request.form()
+            import python_multipart  # noqa: F401, PLC0415
+        except ImportError:
+            import multipart  # noqa: F401, PLC0415
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "The HTTP service needs FastAPI, uvicorn and python-multipart: "
+            "pip install 'detreg-keras[serve]' (or pip install fastapi uvicorn python-multipart)."
+        ) from err
+
+
+class BodySizeLimitMiddleware:
+    """ASGI middleware answering ``413`` to bodies over ``max_bytes``.
+
+    Checks ``Content-Length`` before reading anything and counts the bytes of
+    chunked bodies as they arrive.
+    """
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = int(max_bytes)
+
+    async def _reply(self, send, status: int, detail: str) -> None:
+        body = json.dumps({"detail": detail}).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = f"Request body exceeds the limit of {self.max_bytes} bytes."
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    length = int(value)
+                except ValueError:
+                    await self._reply(send, 400, "Invalid Content-Length header.")
+                    return
+                if length > self.max_bytes:
+                    await self._reply(send, 413, too_large)
+                    return
+        received = 0
+        started = False
+
+        class _TooLarge(Exception):
+            pass
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _TooLarge()
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _TooLarge:
+            if not started:
+                await self._reply(send, 413, too_large)
+
+
+def _decode_b64(item: Any, position: int) -> bytes:
+    if isinstance(item, dict):
+        if set(item) != {"b64"}:
+            raise ValueError(f"images[{position}]: objects must be {{\"b64\": \"...\"}}, got keys {sorted(item)}.")
+        item = item["b64"]
+    if not isinstance(item, str):
+        raise ValueError(f"images[{position}] must be a base64 string, got {type(item).__name__}.")  # noqa: TRY004
+    if item.startswith("data:"):
+        header, _, item = item.partition(",")
+        if not header.endswith(";base64"):
+            raise ValueError(f"images[{position}]: data URLs must be base64 encoded.")
+    try:
+        return base64.b64decode(item, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise ValueError(f"images[{position}] is not valid base64: {err}.") from err
+
+
+def create_app(
+    embedder: Embedder | str | os.PathLike,
+    index: EmbeddingIndex | str | os.PathLike | None = None,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    max_images: int = DEFAULT_MAX_IMAGES,
+    max_k: int = DEFAULT_MAX_K,
+    default_k: int = 5,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+):
+    """Build the FastAPI application.
+
+    Args:
+        embedder: an :class:`~detreg_keras.retrieval.Embedder` or an ONNX path.
+        index: an :class:`~detreg_keras.retrieval.EmbeddingIndex`, an index folder
+            (loaded with the embedder's model hash: an index of another model is
+            refused) or ``None`` (``/search`` answers 503).
+        max_request_bytes: body size limit (413 above).
+        max_images: images per request (422 above).
+        max_k: largest ``k`` accepted by ``/search``.
+        default_k: ``k`` when the request gives none.
+        max_pixels: largest decoded image (width × height) accepted.
+    """
+    _require_fastapi()
+    from fastapi import FastAPI, HTTPException, Request  # noqa: PLC0415
+    from starlette.concurrency import run_in_threadpool  # noqa: PLC0415
+
+    from detreg_keras.export import detreg_version  # noqa: PLC0415
+
+    if not isinstance(embedder, Embedder):
+        embedder = Embedder(embedder)
+    if index is not None and not isinstance(index, EmbeddingIndex):
+        index = EmbeddingIndex.load(
+            index, expected_model_hash=embedder.model_hash, expected_dimension=embedder.embedding_dim
+        )
+    if index is not None and index.model_hash != embedder.model_hash:
+        raise ValueError(
+            f"The index was built with model {index.model_hash!r}, the embedder is model {embedder.model_hash!r}."
+        )
+
+    app = FastAPI(
+        title="detreg-keras retrieval",
+        version=detreg_version(),
+        description="Embeds images with the exported DReg model (onnxruntime) and searches a faiss index.",
+    )
+    app.state.embedder = embedder
+    app.state.index = index
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_request_bytes)
+
+    async def read_images(request: Request) -> tuple[list[bytes], dict[str, Any]]:
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        fields: dict[str, Any] = {}
+        blobs: list[bytes] = []
+        if content_type == "multipart/form-data":
+            try:
+                form = await request.form(max_files=max_images + 1, max_fields=64)
+            except HTTPException:
+                raise
+            except Exception as err:
+                raise HTTPException(400, f"Malformed multipart body: {err}") from err
+            try:
+                for key, value in form.multi_items():
+                    if hasattr(value, "read"):
+                        blobs.append(await value.read())
+                    else:
+                        fields[key] = value
+            finally:
+                await form.close()
+        elif content_type in ("application/json", ""):
+            raw = await request.body()
+            try:
+                payload = json.loads(raw)
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise HTTPException(400, f"Malformed JSON body: {err}") from err
+            if not isinstance(payload, dict):
+                raise HTTPException(422, 'The JSON body must be an object like {"images": ["<base64>", ...]}.')
+            items = payload.get("images", payload.get("instances"))
+            if items is None and "image" in payload:
+                items = [payload["image"]]
+            if items is None:
+                raise HTTPException(422, 'The JSON body needs "images": a list of base64-encoded images.')
+            if not isinstance(items, list):
+                raise HTTPException(422, '"images" must be a list of base64-encoded images.')
+            if len(items) > max_images:
+                raise HTTPException(422, f"At most {max_images} images per request, got {len(items)}.")
+            try:
+                blobs = [_decode_b64(item, i) for i, item in enumerate(items)]
+            except ValueError as err:
+                raise HTTPException(400, str(err)) from err
+            fields = {k: v for k, v in payload.items() if k not in ("images", "instances", "image")}
+        else:
+            raise HTTPException(
+                415, f"Unsupported content type {content_type!r}: send multipart/form-data files or JSON base64 images."
+            )
+        if not blobs:
+            raise HTTPException(422, "No image in the request.")
+        if len(blobs) > max_images:
+            raise HTTPException(422, f"At most {max_images} images per request, got {len(blobs)}.")
+        return blobs, fields
+
+    def embed_blobs(blobs: list[bytes]) -> np.ndarray:
+        arrays = []
+        for i, blob in enumerate(blobs):
+            if not blob:
+                raise ValueError(f"Image {i} is empty.")
+            try:
+                arrays.append(load_image(blob, embedder.image_size, embedder.channels, max_pixels=max_pixels))
+            except ValueError as err:
+                raise ValueError(f"Image {i}: {err}") from err
+        return embedder.embed(np.stack(arrays))
+
+    async def embed_request(request: Request) -> tuple[np.ndarray, dict[str, Any]]:
+        blobs, fields = await read_images(request)
+        try:
+            embeddings = await run_in_threadpool(embed_blobs, blobs)
+        except ValueError as err:
+            raise HTTPException(422, str(err)) from err
+        return embeddings, fields
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        idx = app.state.index
+        return {
+            "status": "ok",
+            "model_hash": embedder.model_hash,
+            "embedding_dim": embedder.embedding_dim,
+            "image_size": list(embedder.image_size),
+            "channels": embedder.channels,
+            "providers": embedder.providers,
+            "detreg_version": detreg_version(),
+            "index": None if idx is None else {"kind": idx.kind, "count": idx.count, "params": idx.params},
+        }
+
+    @app.post("/embed")
+    async def embed(request: Request) -> dict[str, Any]:
+        embeddings, _ = await embed_request(request)
+        return {
+            "embeddings": embeddings.tolist(),
+            "dimension": int(embeddings.shape[1]),
+            "count": int(embeddings.shape[0]),
+            "model_hash": embedder.model_hash,
+        }
+
+    @app.post("/search")
+    async def search(request: Request) -> dict[str, Any]:
+        idx = app.state.index
+        if idx is None:
+            raise HTTPException(503, "This service was started without an index (--index); only /embed works.")
+        k_raw = request.query_params.get("k")
+        embeddings, fields = await embed_request(request)
+        k_raw = fields.get("k", k_raw)
+        if k_raw is None:
+            k = default_k
+        elif isinstance(k_raw, int) and not isinstance(k_raw, bool):
+            k = k_raw
+        elif isinstance(k_raw, str) and k_raw.strip().isdigit():
+            k = int(k_raw)
+        else:
+            raise HTTPException(422, f"k must be a positive integer, got {k_raw!r}.")
+        if not 1 <= k <= max_k:
+            raise HTTPException(422, f"k must lie in [1, {max_k}], got {k}.")
+        ids, labels, scores = await run_in_threadpool(idx.search, embeddings, k)
+        results = []
+        for q in range(len(ids)):
+            row = []
+            for r in range(ids.shape[1]):
+                if not np.isfinite(scores[q, r]):
+                    continue
+                row.append(
+                    {
+                        "rank": r + 1,
+                        "id": ids[q, r].item(),
+                        "label": None if labels is None else labels[q, r].item(),
+                        "score": float(scores[q, r]),
+                    }
+                )
+            results.append(row)
+        return {"k": min(k, idx.count), "results": results, "model_hash": embedder.model_hash}
+
+    return app
+
+
+class ServerThread:
+    """Run a uvicorn server for ``app`` in a background thread (tests, notebooks).
+
+    Binds ``host:port`` (port 0 picks a free port) before starting, so
+    :attr:`url` is known at once; ``with ServerThread(app) as server: ...``
+    starts it and waits until it accepts connections, and stops it on exit.
+    """
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        import uvicorn  # noqa: PLC0415
+
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.socket.bind((host, port))
+        self.host, self.port = self.socket.getsockname()[:2]
+        self.url = f"http://{self.host}:{self.port}"
+        config = uvicorn.Config(app, log_level=log_level, lifespan="off", timeout_keep_alive=2)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
+
+    def start(self, timeout: float = 30.0) -> "ServerThread":
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"uvicorn did not start on {self.url} within {timeout} s.")
+            time.sleep(0.02)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+        self.socket.close()
+
+    def __enter__(self) -> "ServerThread":  # noqa: PYI034
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m detreg_keras.serving", description="Serve /embed and /search over HTTP."
+    )
+    parser.add_argument("--model", required=True, help="ONNX model from scripts/export_onnx.py")
+    parser.add_argument("--index", default=None, help="index folder from scripts/detreg_index.py build")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-request-mb", type=float, default=DEFAULT_MAX_REQUEST_BYTES / 2**20)
+    parser.add_argument("--max-images", type=int, default=DEFAULT_MAX_IMAGES)
+    parser.add_argument("--max-k", type=int, default=DEFAULT_MAX_K)
+    parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+    try:
+        _require_fastapi()
+        import uvicorn  # noqa: PLC0415
+
+        embedder = Embedder(args.model, intra_op_num_threads=args.threads)
+        app = create_app(
+            embedder,
+            args.index,
+            max_request_bytes=int(args.max_request_mb * 2**20),
+            max_images=args.max_images,
+            max_k=args.max_k,
+        )
+    except (ImportError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+
+
+__all__ = ["BodySizeLimitMiddleware", "ServerThread", "create_app", "main"]

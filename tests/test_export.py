@@ -1,0 +1,387 @@
+"""ONNX and SavedModel export of the inference path (backbone + embedding + head 1 + L2)."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+import detreg_keras
+from detreg_keras import export
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE, DIM = 32, 32
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"_script_{name}", REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_model(flow: str = "realnvp", seed: int = 0, scale: float = 0.05) -> detreg_keras.DRegModel:
+    """A small DRegModel whose zero-initialised flow output layers are perturbed (non-trivial flows)."""
+    keras.utils.set_random_seed(seed)
+    model = detreg_keras.DRegModel(
+        num_classes=5, backbone="small_cnn", image_size=SIZE, channels=3, embedding_dim=DIM,
+        num_couplings=4, hidden_units=32, flow=flow,
+    )
+    model(np.zeros((1, SIZE, SIZE, 3), np.float32))
+    rng = np.random.default_rng(seed)
+    for variable in model.weights:
+        if variable.trainable and ("/out/" in variable.path or "raw_log_scale" in variable.path):
+            variable.assign(rng.normal(0.0, scale, variable.shape).astype(np.float32))
+    return model
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """flow -> (model, onnx path, ExportResult) for realnvp, nice and none."""
+    out = {}
+    root = tmp_path_factory.mktemp("onnx")
+    for flow in ("realnvp", "nice", "none"):
+        model = make_model(flow)
+        result = export.export_onnx(model, root / f"{flow}.onnx")
+        out[flow] = (model, root / f"{flow}.onnx", result)
+    return out
+
+
+def _session(path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("flow", ["realnvp", "nice", "none"])
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_onnx_parity(exported, flow, batch):
+    model, path, _ = exported[flow]
+    images = np.random.default_rng(batch).uniform(0, 255, (batch, SIZE, SIZE, 3)).astype(np.float32)
+    got = _session(path).run(["embeddings"], {"images": images})[0]
+    expected = model(images, training=False).numpy()
+    assert got.shape == (batch, DIM) and got.dtype == np.float32
+    assert np.max(np.abs(got - expected)) <= 1e-5
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+def test_export_result_reports_parity(exported):
+    for _, _, result in exported.values():
+        assert result.max_abs_diff is not None and result.max_abs_diff <= 1e-5
+
+
+def test_flows_are_not_trivial(exported):
+    """The perturbed flow changes the embedding (otherwise the parity tests would not test the flow)."""
+    model, _, _ = exported["realnvp"]
+    images = export.sample_images(4, (SIZE, SIZE, 3))
+    z = model.embed_features(images)
+    plain = tf.math.l2_normalize(z, axis=-1).numpy()
+    assert np.max(np.abs(model(images).numpy() - plain)) > 1e-2
+
+
+def test_onnx_io_signature_and_metadata(exported):
+    model, path, result = exported["realnvp"]
+    proto = onnx.load(str(path))
+    (inp,), (out,) = proto.graph.input, proto.graph.output
+    assert inp.name == "images" and out.name == "embeddings"
+    assert inp.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
+    assert dims == ["batch", SIZE, SIZE, 3]
+    assert [d.dim_param or d.dim_value for d in out.type.tensor_type.shape.dim] == ["batch", DIM]
+    meta = export.read_onnx_metadata(path)
+    assert meta["model_hash"] == export.model_hash(model) == result.model_hash
+    assert len(meta["model_hash"]) == 64
+    assert meta["input_name"] == "images" and meta["output_name"] == "embeddings"
+    assert meta["image_size"] == str(SIZE) and meta["channels"] == "3"
+    assert meta["embedding_dim"] == str(DIM) and meta["input_layout"] == "NHWC"
+    assert meta["detreg_version"] == detreg_keras.__version__
+    assert "[0, 255]" in meta["preprocessing"]
+    assert meta["opset"] == str(export.DEFAULT_OPSET) and meta["flow"] == "realnvp"
+    assert proto.opset_import[0].version == export.DEFAULT_OPSET or any(
+        o.version == export.DEFAULT_OPSET for o in proto.opset_import
+    )
+    # training-only parts are absent: no second flow (12 tanh = 4 couplings of one head here)
+    assert export.onnx_op_counts(proto).get("Tanh", 0) == 4
+    assert os.stat(path).st_mode & 0o044 == 0o044  # readable by the server's user
+
+
+def test_no_overwrite(exported, tmp_path):
+    model, _, _ = exported["none"]
+    target = tmp_path / "m.onnx"
+    target.write_bytes(b"keep me")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        export.export_onnx(model, target)
+    assert target.read_bytes() == b"keep me"
+    export.export_onnx(model, target, overwrite=True, check=False)
+    assert export.read_onnx_metadata(target)["model_hash"] == export.model_hash(model)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # no temporary file left
+
+
+def test_parity_failure_raises_and_writes_nothing(exported, tmp_path, monkeypatch):
+    model, path, _ = exported["nice"]
+    other = make_model("nice", seed=1)
+    with pytest.raises(export.ParityError, match="differ"):
+        export.check_onnx_parity(other, path)
+
+    def broken(*args, **kwargs):
+        raise export.ParityError("onnxruntime and Keras embeddings differ by 1 > 1e-05")
+
+    monkeypatch.setattr(export, "check_onnx_parity", broken)
+    with pytest.raises(export.ParityError):
+        export.export_onnx(model, tmp_path / "bad.onnx")
+    assert list(tmp_path.iterdir()) == []
+    cli = _load_script("export_onnx")
+    assert cli.main([str(tmp_path / "m.keras"), "--output", str(tmp_path / "x.onnx")]) == 1  # missing model
+    model.save(tmp_path / "m.keras")
+    assert cli.main([str(tmp_path / "m.keras"), "--output", str(tmp_path / "x.onnx")]) == 2  # parity failure
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_model_hash_tracks_inference_weights_only():
+    model = make_model("realnvp", seed=3)
+    before = export.model_hash(model)
+    assert export.model_hash(model) == before
+    head2 = model.flow_max.weights[0]
+    head2.assign(head2.numpy() + 1.0)  # training-only head: same embeddings, same hash
+    assert export.model_hash(model) == before
+    kernel = model.embedding.dense.kernel
+    kernel.assign(kernel.numpy() * 1.01)
+    assert export.model_hash(model) != before
+
+
+def test_cli_exports_run_dir_and_refuses_overwrite(exported, tmp_path, capsys):
+    model, _, _ = exported["realnvp"]
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    model.save(run_dir / "model.keras")
+    cli = _load_script("export_onnx")
+    out = tmp_path / "model.onnx"
+    assert cli.main([str(run_dir), "--output", str(out), "--opset", "15"]) == 0
+    printed = capsys.readouterr().out
+    assert "parity" in printed and "Transpose" in printed
+    meta = export.read_onnx_metadata(out)
+    assert meta["model_hash"] == export.model_hash(model)  # hash survives save/load
+    assert meta["opset"] == "15"
+    before = out.read_bytes()
+    assert cli.main([str(run_dir), "--output", str(out)]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == before
+
+
+# ----------------------------------------------------------------- SavedModel
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _jpeg(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def saved_model(exported, tmp_path_factory):
+    model, _, _ = exported["realnvp"]
+    base = tmp_path_factory.mktemp("serving")
+    result = export.export_saved_model(model, base, "detreg", 1)
+    return model, base, result
+
+
+def test_saved_model_layout_and_refusal(saved_model):
+    model, base, result = saved_model
+    assert result.path == base / "detreg" / "1"
+    assert (result.path / "saved_model.pb").is_file() and (result.path / "variables").is_dir()
+    assert sorted(p.name for p in (base / "detreg").iterdir()) == ["1"]  # no temporary folder left
+    meta = export.read_saved_model_metadata(result.path)
+    assert meta["model_hash"] == export.model_hash(model)
+    assert result.max_abs_diff <= 1e-5
+    with pytest.raises(FileExistsError):
+        export.export_saved_model(model, base, "detreg", 1)
+    with pytest.raises(ValueError):
+        export.export_saved_model(model, base, "detreg", 0)
+    cli = _load_script("export_saved_model")
+    assert cli.main([str(base / "missing.keras"), "--base-dir", str(base), "--name", "detreg", "--version", "1"]) == 1
+
+
+def test_saved_model_signatures_as_served(saved_model):
+    model, _, result = saved_model
+    loaded = tf.saved_model.load(str(result.path))
+    assert set(loaded.signatures.keys()) == {"serving_default", "serving_pixels"}
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
+    expected = model(pixels.astype(np.float32), training=False).numpy()
+
+    by_pixels = loaded.signatures["serving_pixels"](images=tf.constant(pixels.astype(np.float32)))
+    assert set(by_pixels) == {"embeddings"}
+    assert np.max(np.abs(by_pixels["embeddings"].numpy() - expected)) <= 1e-5
+
+    # PNG at the model's size: lossless, no resize -> same pixels, same embeddings
+    by_bytes = loaded.signatures["serving_default"](images=tf.constant([_png(p) for p in pixels]))
+    assert set(by_bytes) == {"embeddings"}
+    assert np.max(np.abs(by_bytes["embeddings"].numpy() - expected)) <= 1e-5
+
+    # other sizes, JPEG, grayscale and RGBA are decoded, converted to RGB and resized in the graph
+    big = rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    gray = _png(rng.integers(0, 256, (40, 40), dtype=np.uint8))
+    rgba = _png(rng.integers(0, 256, (20, 24, 4), dtype=np.uint8))
+    mixed = loaded.signatures["serving_default"](images=tf.constant([_jpeg(big), gray, rgba]))["embeddings"].numpy()
+    assert mixed.shape == (3, DIM) and np.all(np.isfinite(mixed))
+    np.testing.assert_allclose(np.linalg.norm(mixed, axis=1), 1.0, atol=1e-5)
+
+
+def test_saved_model_bytes_signature_matches_embedder_resize(saved_model, exported):
+    """TF's in-graph antialiased bilinear resize and the Embedder's PIL resize agree closely."""
+    from detreg_keras.retrieval import load_image
+
+    model, _, result = saved_model
+    loaded = tf.saved_model.load(str(result.path))
+    yy, xx = np.mgrid[0:96, 0:128]
+    smooth = np.stack([yy * 2.5, xx * 1.9, (yy + xx) * 1.1], -1).clip(0, 255).astype(np.uint8)
+    data = _png(smooth)
+    served = loaded.signatures["serving_default"](images=tf.constant([data]))["embeddings"].numpy()[0]
+    pil = model(load_image(data, (SIZE, SIZE))[None], training=False).numpy()[0]
+    assert float(served @ pil) > 0.999
+
+
+def test_saved_model_cli_shows_signatures(saved_model):
+    _, _, result = saved_model
+    cli = shutil.which("saved_model_cli") or str(Path(sys.executable).parent / "saved_model_cli")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run(
+        [cli, "show", "--dir", str(result.path), "--all"],
+        capture_output=True, text=True, timeout=120, env=env, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = proc.stdout
+    assert "signature_def['serving_default']" in text and "signature_def['serving_pixels']" in text
+    default = text.split("signature_def['serving_default']")[1].split("signature_def[")[0]
+    pixels = text.split("signature_def['serving_pixels']")[1].split("signature_def[")[0]
+    assert "inputs['images']" in default and "DT_STRING" in default and "outputs['embeddings']" in default
+    assert f"shape: (-1, {DIM})" in default
+    assert "inputs['images']" in pixels and f"shape: (-1, {SIZE}, {SIZE}, 3)" in pixels
+    assert "outputs['embeddings']" in pixels
+
+
+def test_saved_model_cli_script(exported, tmp_path, capsys):
+    model, _, _ = exported["nice"]
+    model.save(tmp_path / "m.keras")
+    cli = _load_script("export_saved_model")
+    args = [str(tmp_path / "m.keras"), "--base-dir", str(tmp_path / "models"), "--name", "nice", "--version", "3"]
+    assert cli.main(args + ["--no-check"]) == 0
+    assert (tmp_path / "models" / "nice" / "3" / "saved_model.pb").is_file()
+    assert cli.main(args) == 1
+    assert "already exists" in capsys.readouterr().err
+
+
+# ------------------------------------------- serving/client.py vs a TF Serving stub
+class _FakeTFServing:
+    """Minimal TF Serving REST ``:predict`` endpoint running the exported SavedModel's signatures.
+
+    It follows TF Serving's row format: ``instances`` of ``{"b64": ...}`` become a
+    ``tf.string`` batch; nested lists become a float tensor; the single output is
+    returned as ``{"predictions": [[...], ...]}``.
+    """
+
+    def __init__(self, version_dir: Path, name: str, version: int):
+        import base64
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        loaded = tf.saved_model.load(str(version_dir))
+        paths = {f"/v1/models/{name}:predict", f"/v1/models/{name}/versions/{version}:predict"}
+        self.requests = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests.append((self.path, body))
+                if self.path not in paths:
+                    return self._reply(404, {"error": f"Servable not found for request: {self.path}"})
+                signature = loaded.signatures[body.get("signature_name", "serving_default")]
+                instances = body["instances"]
+                if instances and isinstance(instances[0], dict):
+                    tensor = tf.constant([base64.b64decode(i["b64"]) for i in instances])
+                else:
+                    tensor = tf.constant(np.asarray(instances, np.float32))
+                out = signature(images=tensor)["embeddings"].numpy()
+                self._reply(200, {"predictions": out.tolist()})
+
+            def _reply(self, status, payload):
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)
+
+
+def _load_client():
+    spec = importlib.util.spec_from_file_location("_serving_client", REPO / "serving" / "client.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_serving_client_rest_against_stub(saved_model, tmp_path, capsys):
+    model, _, result = saved_model
+    client = _load_client()
+    pixels = np.random.default_rng(4).integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8)
+    files = []
+    for i, p in enumerate(pixels):
+        files.append(tmp_path / f"{i}.png")
+        files[-1].write_bytes(_png(p))
+    expected = model(pixels.astype(np.float32), training=False).numpy()
+    assert client.rest_payload([b"ab"]) == {"signature_name": "serving_default", "instances": [{"b64": "YWI="}]}
+    assert client.predict_url("http://h:8501/", "detreg", 2) == "http://h:8501/v1/models/detreg/versions/2:predict"
+    with _FakeTFServing(result.path, "detreg", 1) as stub:
+        got = client.rest_predict(stub.url, "detreg", [f.read_bytes() for f in files], version=1, timeout=30)
+        assert np.max(np.abs(got - expected)) <= 1e-5
+        got = client.rest_predict_pixels(stub.url, "detreg", pixels.astype(np.float32), timeout=30)
+        assert np.max(np.abs(got - expected)) <= 1e-5
+        assert stub.requests[-1][1]["signature_name"] == "serving_pixels"
+        out = tmp_path / "emb.npy"
+        args = ["rest", "--url", stub.url, "--model", "detreg", "--output", str(out), *map(str, files)]
+        assert client.main(args) == 0
+        assert '"shape": [2, 32]' in capsys.readouterr().out
+        np.testing.assert_allclose(np.load(out, allow_pickle=False), expected, atol=1e-5)
+        assert client.main(["rest", "--url", stub.url, "--model", "other", str(files[0])]) == 1
+        assert "404" in capsys.readouterr().err
+
+
+def test_serving_client_grpc_needs_serving_api(tmp_path, capsys):
+    client = _load_client()
+    if importlib.util.find_spec("tensorflow_serving") is not None:
+        pytest.skip("tensorflow-serving-api is installed")
+    (tmp_path / "a.png").write_bytes(_png(np.zeros((4, 4, 3), np.uint8)))
+    assert client.main(["grpc", "--target", "127.0.0.1:1", str(tmp_path / "a.png")]) == 2
+    assert "pip install tensorflow-serving-api" in capsys.readouterr().err

@@ -1,0 +1,239 @@
+"""The HTTP retrieval service, against a real uvicorn server on 127.0.0.1 (bounded timeouts)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+import detreg_keras  # noqa: E402
+from detreg_keras import export  # noqa: E402
+from detreg_keras.retrieval import Embedder, EmbeddingIndex  # noqa: E402
+from detreg_keras.serving import DEFAULT_MAX_REQUEST_BYTES, ServerThread, create_app  # noqa: E402
+
+SIZE, DIM = 32, 16
+TIMEOUT = httpx.Timeout(20.0)
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    keras.utils.set_random_seed(11)
+    model = detreg_keras.DRegModel(
+        num_classes=3, backbone="small_cnn", image_size=SIZE, channels=3, embedding_dim=DIM,
+        num_couplings=2, hidden_units=16, flow="nice",
+    )
+    model(np.zeros((1, SIZE, SIZE, 3), np.float32))
+    rng = np.random.default_rng(0)
+    for v in model.weights:
+        if v.trainable and ("/out/" in v.path or "raw_log_scale" in v.path):
+            v.assign(rng.normal(0, 0.05, v.shape).astype(np.float32))
+    root = tmp_path_factory.mktemp("svc")
+    onnx_path = root / "model.onnx"
+    export.export_onnx(model, onnx_path)
+    embedder = Embedder(onnx_path)
+    gallery = rng.integers(0, 256, (12, SIZE, SIZE, 3), dtype=np.uint8)
+    images = [_png(g) for g in gallery]
+    index = EmbeddingIndex(model_hash=embedder.model_hash).build(
+        embedder.embed(images), ids=[f"g{i}.png" for i in range(12)], labels=[f"c{i % 3}" for i in range(12)]
+    )
+    index_dir = index.save(root / "index")
+    return {"onnx": onnx_path, "embedder": embedder, "images": images, "index_dir": index_dir, "index": index}
+
+
+@pytest.fixture(scope="module")
+def server(assets):
+    app = create_app(assets["embedder"], assets["index_dir"])  # default 10 MiB body limit
+    with ServerThread(app) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=TIMEOUT) as c:
+        yield c
+
+
+def test_real_server_health(server, client, assets):
+    assert server.url.startswith("http://127.0.0.1:")
+    response = client.get("/health")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "ok" and body["model_hash"] == assets["embedder"].model_hash
+    assert body["embedding_dim"] == DIM and body["image_size"] == [SIZE, SIZE]
+    assert body["index"]["count"] == 12 and body["index"]["kind"] == "flat"
+
+
+def test_embed_multipart_and_json(client, assets):
+    images, embedder = assets["images"], assets["embedder"]
+    expected = embedder.embed(images[:3])
+    files = [("files", (f"{i}.png", images[i], "image/png")) for i in range(3)]
+    response = client.post("/embed", files=files)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["count"] == 3 and body["dimension"] == DIM and body["model_hash"] == embedder.model_hash
+    np.testing.assert_allclose(np.array(body["embeddings"], np.float32), expected, atol=1e-6)
+
+    b64 = [base64.b64encode(img).decode() for img in images[:3]]
+    for payload in (
+        {"images": b64},
+        {"instances": [{"b64": s} for s in b64]},  # TF Serving's REST form
+        {"images": [f"data:image/png;base64,{s}" for s in b64]},
+    ):
+        response = client.post("/embed", json=payload)
+        assert response.status_code == 200, response.text
+        np.testing.assert_allclose(np.array(response.json()["embeddings"], np.float32), expected, atol=1e-6)
+
+
+def test_search_json_and_multipart(client, assets):
+    images = assets["images"]
+    payload = {"images": [base64.b64encode(images[4]).decode(), base64.b64encode(images[7]).decode()], "k": 3}
+    response = client.post("/search", json=payload)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["k"] == 3 and len(body["results"]) == 2
+    first = body["results"][0]
+    assert [hit["rank"] for hit in first] == [1, 2, 3]
+    assert first[0]["id"] == "g4.png" and first[0]["label"] == "c1"
+    assert first[0]["score"] == pytest.approx(1.0, abs=1e-5)
+    assert body["results"][1][0]["id"] == "g7.png"
+
+    response = client.post("/search?k=2", files=[("file", ("q.png", images[5], "image/png"))])
+    assert response.status_code == 200, response.text
+    (hits,) = response.json()["results"]
+    assert len(hits) == 2 and hits[0]["id"] == "g5.png"
+    response = client.post("/search", files=[("file", ("q.png", images[5], "image/png"))], data={"k": "4"})
+    assert len(response.json()["results"][0]) == 4
+    response = client.post("/search", json={"images": payload["images"][:1]})  # default k
+    assert len(response.json()["results"][0]) == 5
+
+
+def test_oversized_body_is_413(client):
+    too_big = b"\0" * (DEFAULT_MAX_REQUEST_BYTES + 1)
+    response = client.post("/embed", content=too_big, headers={"content-type": "application/json"})
+    assert response.status_code == 413
+    assert "limit" in response.json()["detail"]
+    response = client.post("/search", files=[("file", ("big.png", too_big, "image/png"))])
+    assert response.status_code == 413
+
+    def chunks():  # no Content-Length: counted while streaming
+        for _ in range(11):
+            yield b"\0" * (1024 * 1024)
+
+    response = client.post("/embed", content=chunks(), headers={"content-type": "application/json"})
+    assert response.status_code == 413
+
+
+@pytest.mark.parametrize(
+    "kwargs, status, message",
+    [
+        ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, "Malformed JSON"),
+        ({"json": {"images": ["***not base64***"]}}, 400, "not valid base64"),
+        ({"json": {"images": [base64.b64encode(b"plain text, not an image").decode()]}}, 422, "Image 0"),
+        ({"json": {"images": [""]}}, 422, "empty"),
+        ({"json": {"pictures": []}}, 422, '"images"'),
+        ({"json": {"images": "abc"}}, 422, "must be a list"),
+        ({"json": ["abc"]}, 422, "object"),
+        ({"json": {"images": [{"url": "http://x"}]}}, 400, "b64"),
+        ({"json": {"images": []}}, 422, "No image"),
+        ({"json": {"images": ["AAAA"] * 65}}, 422, "At most 64"),
+        ({"content": b"hello", "headers": {"content-type": "text/plain"}}, 415, "Unsupported content type"),
+    ],
+)
+def test_malformed_requests_are_4xx_with_message(client, kwargs, status, message):
+    response = client.post("/embed", **kwargs)
+    assert response.status_code == status, response.text
+    assert message in response.json()["detail"]
+
+
+@pytest.mark.parametrize("k", [0, -1, 101, "abc", 2.5, True])
+def test_bad_k_is_422(client, assets, k):
+    payload = {"images": [base64.b64encode(assets["images"][0]).decode()], "k": k}
+    response = client.post("/search", json=payload)
+    assert response.status_code == 422
+    assert "k must" in response.json()["detail"]
+
+
+def test_without_index_search_is_503_and_wrong_index_refused(assets, tmp_path):
+    payload = {"images": [base64.b64encode(assets["images"][0]).decode()]}
+    with ServerThread(create_app(assets["embedder"], None)) as running, httpx.Client(
+        base_url=running.url, timeout=TIMEOUT
+    ) as c:
+        assert c.post("/search", json=payload).status_code == 503
+        assert c.post("/embed", json=payload).status_code == 200
+        assert c.get("/health").json()["index"] is None
+    other = EmbeddingIndex(model_hash="another-model").build(np.eye(DIM, dtype=np.float32))
+    with pytest.raises(ValueError, match="another-model"):
+        create_app(assets["embedder"], other)
+    with pytest.raises(ValueError, match="another-model"):
+        create_app(assets["embedder"], other.save(tmp_path / "other"))
+
+
+def test_concurrent_requests(client, assets):
+    from concurrent.futures import ThreadPoolExecutor
+
+    payload = {"images": [base64.b64encode(assets["images"][i]).decode() for i in range(4)], "k": 1}
+
+    def call(_):
+        return client.post("/search", json=payload).json()["results"]
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(call, range(8)))
+    assert all([r[0]["id"] for r in res] == ["g0.png", "g1.png", "g2.png", "g3.png"] for res in results)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_cli_server_subprocess(assets):
+    port = _free_port()
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "detreg_keras.serving", "--model", str(assets["onnx"]), "--index",
+         str(assets["index_dir"]), "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+        env=env, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            try:
+                response = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2.0)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "server did not start"
+                time.sleep(0.5)
+        assert response.json()["index"]["count"] == 12
+        files = [("files", ("q.png", assets["images"][2], "image/png"))]
+        hits = httpx.post(f"http://127.0.0.1:{port}/search?k=1", files=files, timeout=20.0).json()["results"]
+        assert hits[0][0]["id"] == "g2.png"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
