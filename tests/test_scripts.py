@@ -1,0 +1,207 @@
+"""The command-line scripts: train.py (main job, omniglot preset, resume after a kill) and evaluate.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from detreg_keras.evaluation import plot_recall_at_k
+from detreg_keras.training import (
+    build_model,
+    evaluate_splits,
+    load_splits,
+    read_history,
+    resolve_config,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+OMNIGLOT_ROOT = (REPO_ROOT / ".." / "shared" / "data" / "omniglot").resolve()
+TINY_FLAGS = ["--cnn-widths", "8", "16", "--embedding-dim", "8", "--num-couplings", "2", "--hidden-units", "8"]
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"_script_{name}", REPO_ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+train_script = _load_script("train")
+evaluate_script = _load_script("evaluate")
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO_ROOT)}
+
+
+MAIN_JOB_TEST = "test_main_job_prints_recall_at_1_2_4_8"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def main_job(request, tmp_path_factory):
+    """The README's main job (`python scripts/train.py --epochs 1`) in a fresh process.
+
+    Started before this module's other tests and checked by the last one: most
+    of its time is single-threaded graph tracing, which overlaps well with the
+    in-process tests on a 2-core machine. Not started when that test is deselected.
+    """
+    if not any(item.name == MAIN_JOB_TEST for item in request.session.items):
+        yield None
+        return
+    out = tmp_path_factory.mktemp("main_job")
+    with (out / "stdout.txt").open("w") as stdout, (out / "stderr.txt").open("w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "scripts/train.py", "--epochs", "1", "--output-dir", str(out / "runs")],
+            cwd=REPO_ROOT, env=_env(), stdout=stdout, stderr=stderr, text=True,
+        )  # fmt: skip
+    yield proc, out
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A run folder as train.py leaves it (config.json, model.keras, metrics.json, PNG), untrained:
+    evaluate.py evaluates whatever model it is given, and this skips the training's graph tracing."""
+    cfg = resolve_config(
+        "digits", cnn_widths=(8, 16), embedding_dim=8, num_couplings=2, hidden_units=8, verbose=0,
+        output_dir=str(tmp_path_factory.mktemp("runs")), run_name="tiny",
+    )  # fmt: skip
+    run_dir = Path(cfg.output_dir) / cfg.run_name
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict()))
+    model = build_model(cfg, num_classes=5)
+    model.build((None, cfg.image_size, cfg.image_size, cfg.channels))
+    model.save(run_dir / "model.keras")
+    splits, _ = load_splits(cfg)
+    metrics = evaluate_splits(model, splits, cfg)
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    plot_recall_at_k({"model": metrics}, run_dir / "recall_at_k.png")
+    return run_dir
+
+
+def test_evaluate_writes_metrics_and_plot(tiny_run, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert evaluate_script.main([str(tiny_run), "--output-dir", str(out), "--ks", "1", "2", "4", "8", "--verbose", "0"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {f"recall@{k}" for k in (1, 2, 4, 8)} | {"map@r", "nmi", "r_precision", "precision@1"} <= set(metrics)
+    assert metrics["dataset"] == "digits" and metrics["model"].endswith("model.keras")
+    # the run's own test evaluation (training.evaluate_splits) and evaluate.py agree
+    trained = json.loads((tiny_run / "metrics.json").read_text())
+    assert metrics["recall@1"] == pytest.approx(trained["recall@1"])
+    assert (out / "recall_at_k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "R@8=" in capsys.readouterr().out
+
+
+def test_evaluate_never_overwrites_without_flag(tiny_run, tmp_path):
+    # Next to the model (the default) there is already the run's metrics.json.
+    before = {name: (tiny_run / name).read_bytes() for name in ("metrics.json", "recall_at_k.png")}
+    with pytest.raises(SystemExit):
+        evaluate_script.main([str(tiny_run), "--verbose", "0"])
+    assert {name: (tiny_run / name).read_bytes() for name in before} == before
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "recall_at_k.png").write_bytes(b"mine")
+    with pytest.raises(SystemExit):
+        evaluate_script.main([str(tiny_run / "model.keras"), "--output-dir", str(out), "--verbose", "0"])
+    assert (out / "recall_at_k.png").read_bytes() == b"mine" and not (out / "metrics.json").exists()
+    assert evaluate_script.main(
+        [str(tiny_run / "model.keras"), "--output-dir", str(out), "--overwrite", "--ks", "1", "--verbose", "0"]
+    ) == 0
+    assert (out / "recall_at_k.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((out / "metrics.json").read_text())["ks"] == [1]
+
+
+def test_evaluate_a_bare_model_file_needs_a_dataset(tiny_run, tmp_path):
+    model = tmp_path / "exported.keras"
+    model.write_bytes((tiny_run / "model.keras").read_bytes())
+    with pytest.raises(SystemExit):
+        evaluate_script.main([str(model), "--verbose", "0"])
+    assert evaluate_script.main([str(model), "--dataset", "digits", "--verbose", "0"]) == 0
+    assert (tmp_path / "metrics.json").is_file() and (tmp_path / "recall_at_k.png").is_file()
+
+
+def test_omniglot_preset_one_tiny_epoch(tmp_path, capsys):
+    if not (OMNIGLOT_ROOT / "images_background_small1.zip").is_file():
+        pytest.skip(f"Omniglot archives not found in {OMNIGLOT_ROOT}")
+    # The preset as is (data, m-per-class pipeline, backbone, recipe) on 8 train / 8 test
+    # characters, without the flow heads, whose graph tracing is the slow part (the DReg
+    # model is covered by the other tests and by scripts/omniglot_benchmark.py).
+    argv = ["--preset", "omniglot", "--data-root", str(OMNIGLOT_ROOT), "--subset-classes", "8", "--epochs", "1",
+            "--batch-size", "16", "--flow", "none", "--output-dir", str(tmp_path), "--run-name", "omni",
+            "--verbose", "0"]  # fmt: skip
+    assert train_script.main(argv) == 0
+    metrics = json.loads((tmp_path / "omni" / "metrics.json").read_text())
+    assert metrics["epochs"] == 1 and 0.0 <= metrics["recall@1"] <= 1.0
+    cfg = json.loads((tmp_path / "omni" / "config.json").read_text())
+    assert cfg["preset"] == "omniglot" and cfg["dataset"] == "omniglot" and cfg["image_size"] == resolve_config("omniglot").image_size
+    assert "plain Proxy Anchor on omniglot (unseen classes): R@1=" in capsys.readouterr().out
+
+
+def test_omniglot_default_data_root_resolves_from_the_repo_root(monkeypatch, tmp_path):
+    if not (OMNIGLOT_ROOT / "images_background_small1.zip").is_file():
+        pytest.skip(f"Omniglot archives not found in {OMNIGLOT_ROOT}")
+    from detreg_keras.training import load_splits
+
+    monkeypatch.chdir(tmp_path)  # ../shared/data/omniglot does not exist from here
+    splits, _ = load_splits(resolve_config("omniglot", subset_classes=3))
+    assert splits.train.num_classes == 3 and splits.test.num_classes == 3
+
+
+@pytest.mark.slow
+def test_resume_after_the_process_is_killed(tmp_path):
+    """A real `train.py` process killed with SIGKILL mid-run, then `--resume RUN_DIR`."""
+    run_dir = tmp_path / "killed"
+    cmd = [sys.executable, "scripts/train.py", *TINY_FLAGS, "--epochs", "6", "--batch-size", "32",
+           "--output-dir", str(tmp_path), "--run-name", "killed", "--verbose", "2"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    meta = run_dir / "backup" / "training_metadata.json"
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline:
+            if meta.is_file() and json.loads(meta.read_text() or "{}").get("epoch", 0) >= 2:
+                break
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.2)
+        else:
+            pytest.fail("the run never reached epoch 2")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not (run_dir / "metrics.json").exists()
+    done = json.loads(meta.read_text())["epoch"]
+    assert 2 <= done < 6
+
+    resumed = subprocess.run(
+        [sys.executable, "scripts/train.py", "--resume", str(run_dir), "--verbose", "2"],
+        cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resuming {run_dir} after epoch {done}/6" in resumed.stdout
+    assert resumed.stdout.count("Epoch ") == 6 - done  # only the missing epochs run
+    assert [row["epoch"] for row in read_history(run_dir)] == [1, 2, 3, 4, 5, 6]
+    assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 6
+    assert not (run_dir / "backup").exists()
+
+
+def test_main_job_prints_recall_at_1_2_4_8(main_job):
+    """Last in this module: waits for the `main_job` process started at the module's first test."""
+    proc, out = main_job
+    returncode = proc.wait(timeout=600)
+    stdout, stderr = (out / "stdout.txt").read_text(), (out / "stderr.txt").read_text()
+    assert returncode == 0, stderr[-3000:]
+    line = next(line for line in stdout.splitlines() if "unseen classes" in line)
+    for k in (1, 2, 4, 8):
+        assert f"R@{k}=" in line
+    (run_dir,) = (out / "runs").iterdir()
+    assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 1
