@@ -806,10 +806,15 @@ def run_training(
     fit_callbacks: list[keras.callbacks.Callback] = list(callbacks)
     val_callback = None
     if validation is not None:
+        val_size = len(source_labels(validation))
+        if val_size < 2:
+            raise ValueError(f"The {cfg.val_classes} validation class(es) hold {val_size} image(s); retrieval needs 2+.")
+        # Recall@k needs k < the validation set's size (each query leaves itself out).
+        val_ks = tuple(k for k in cfg.ks if k < val_size) or (1,)
         val_data, _ = make_evaluation_data(validation, cfg)
         val_callback = RetrievalEvaluation(
             val_data,
-            ks=tuple(cfg.ks),
+            ks=val_ks,
             every_n_epochs=cfg.eval_every,
             filepath=run_dir / "best.keras",
             batch_size=cfg.eval_batch_size,
