@@ -16,7 +16,9 @@ The studies of the paper (Sec. 5.4) and the ones its ablation plan asks for:
 Every cell is a :func:`detreg_keras.training.run_training` run folder
 ``OUTPUT/STUDY/CELL/seed-S``. A finished cell (``metrics.json`` present) is read
 back instead of re-run, and an interrupted one is resumed, so re-running the
-same command completes a partial grid without redoing finished cells.
+same command completes a partial grid without redoing finished cells. Cells of
+different studies that train the same configuration share one run, and
+``shard="I/N"`` splits the distinct runs between N processes.
 """
 
 from __future__ import annotations
@@ -92,6 +94,9 @@ class AblationConfig:
             image size, embedding size ...). A cell's own overrides win.
         output_dir: where the grid's run folders and tables go.
         ks: Recall@k cut-offs reported (k larger than the gallery is dropped).
+        cell_seeds: per-cell seed lists that replace ``seeds`` for those cells
+            (e.g. secondary points of a study run on one seed to fit a budget);
+            keys are cell names, and every key must name a cell of the studies.
     """
 
     preset: str = "omniglot"
@@ -100,6 +105,7 @@ class AblationConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
     output_dir: str = "ablations"
     ks: Sequence[int] = (1, 2, 4, 8, 10, 100)
+    cell_seeds: dict[str, Sequence[int]] = field(default_factory=dict)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "AblationConfig":
@@ -221,17 +227,90 @@ def plot_results(rows: list[dict[str, Any]], output_dir: Path, key: str = "recal
     return path
 
 
-def run_ablation(cfg: AblationConfig, log=print) -> dict[str, Any]:
-    """Run every cell × seed of ``cfg`` (skipping finished ones), then write the tables and plot."""
-    for study in cfg.studies:
-        study_cells(study)  # fail early on an unknown study
-    results: dict[str, dict[str, list[dict[str, Any]]]] = {}
+def _config_key(cfg: AblationConfig, overrides: dict[str, Any], seed: int) -> str:
+    """What a cell trains, as a string: two cells with the same key are the same run."""
+    from dataclasses import asdict  # noqa: PLC0415
+
+    from detreg_keras import training  # noqa: PLC0415
+
+    resolved = asdict(training.resolve_config(cfg.preset, **{**cfg.overrides, **overrides, "seed": seed}))
+    for where in ("output_dir", "run_name"):
+        resolved.pop(where, None)
+    return json.dumps(resolved, sort_keys=True, default=str)
+
+
+def plan_jobs(cfg: AblationConfig) -> list[dict[str, Any]]:
+    """Every ``(study, cell, seed)`` of the grid, with the run it shares with an earlier cell.
+
+    Cells that resolve to the same training configuration (``dreg`` of the
+    regularization study, ``dueling`` of the dueling study and ``lambda=0.05``
+    of the lambda study are all the default DReg run) are trained once: the
+    later ones get ``same_as`` = the ``(study, cell)`` that owns the run.
+    """
+    names = {cell for study in cfg.studies for cell, _ in study_cells(study)}  # unknown study: ValueError
+    unknown = sorted(set(cfg.cell_seeds) - names)
+    if unknown:
+        raise ValueError(f"cell_seeds names cells {unknown} that are not in the studies {list(cfg.studies)}.")
+    owners: dict[str, tuple[str, str]] = {}
+    jobs = []
     for study in cfg.studies:
         for cell, overrides in study_cells(study):
-            for seed in cfg.seeds:
-                log(f"[{study}] {cell} seed={seed}")
-                metrics = run_cell(cfg, study, cell, overrides, seed)
-                results.setdefault(study, {}).setdefault(cell, []).append(metrics)
+            for seed in cfg.cell_seeds.get(cell, cfg.seeds):
+                key = _config_key(cfg, overrides, seed)
+                owner = owners.setdefault(key, (study, cell))
+                jobs.append({"study": study, "cell": cell, "overrides": overrides, "seed": seed,
+                             "same_as": None if owner == (study, cell) else owner})
+    return jobs
+
+
+def _parse_shard(shard: str | tuple[int, int] | None) -> tuple[int, int] | None:
+    if shard is None:
+        return None
+    if isinstance(shard, str):
+        try:
+            index, count = (int(part) for part in shard.split("/"))
+        except ValueError:
+            raise ValueError(f"shard must look like 'I/N' (e.g. 0/2), got {shard!r}.") from None
+    else:
+        index, count = shard
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"shard I/N needs 0 <= I < N, got {index}/{count}.")
+    return index, count
+
+
+def run_ablation(cfg: AblationConfig, log=print, shard: str | tuple[int, int] | None = None) -> dict[str, Any]:
+    """Run every cell × seed of ``cfg`` (skipping finished ones), then write the tables and plot.
+
+    Args:
+        cfg: the grid.
+        log: progress printer.
+        shard: ``"I/N"`` trains only every N-th distinct run starting at the
+            I-th, so that N processes (or machines sharing the output folder)
+            split a grid; a shard writes no tables. Re-running without a shard
+            reads every finished run back and writes the tables.
+    """
+    shard = _parse_shard(shard)
+    jobs = plan_jobs(cfg)
+    owned = [job for job in jobs if job["same_as"] is None]
+    if shard is not None:
+        index, count = shard
+        mine = owned[index::count]
+        for job in mine:
+            log(f"[{job['study']}] {job['cell']} seed={job['seed']} (shard {index}/{count})")
+            run_cell(cfg, job["study"], job["cell"], job["overrides"], job["seed"])
+        return {"trained": [(j["study"], j["cell"], j["seed"]) for j in mine]}
+    by_run: dict[tuple[str, str, int], dict[str, Any]] = {}
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for job in jobs:
+        study, cell, seed = job["study"], job["cell"], job["seed"]
+        if job["same_as"] is None:
+            log(f"[{study}] {cell} seed={seed}")
+            metrics = run_cell(cfg, study, cell, job["overrides"], seed)
+            by_run[(study, cell, seed)] = metrics
+        else:
+            log(f"[{study}] {cell} seed={seed}: same run as [{job['same_as'][0]}] {job['same_as'][1]}")
+            metrics = by_run[(*job["same_as"], seed)]
+        results.setdefault(study, {}).setdefault(cell, []).append(metrics)
     keys = _metric_keys(results)
     rows = summarize(results, keys)
     output_dir = Path(cfg.output_dir)

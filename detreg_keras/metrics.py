@@ -41,24 +41,39 @@ not blow up the search: for a query with ``R > max_r`` R-Precision and MAP@R
 are computed on the first ``max_r`` neighbours with ``R := max_r``, as
 ``AccuracyCalculator`` does when ``k`` is smaller than the largest class.
 ``max_r=None`` removes the cap (exact MAP@R whatever the class sizes).
+
+Recall@k needs no kNN lists: a query is a hit iff the rank of its nearest
+same-class item is below k. :func:`recall_at_k_exact` (and
+``evaluate_embeddings(..., recall_method="exact")``) computes these ranks with
+one blocked float32 GEMM and one counting pass, with memory bounded by
+``max_block_bytes`` and a cost independent of ``max(ks)`` (SOP's Recall@1000
+costs what Recall@1 does). It gives the faiss path's results except for the
+order of exactly tied similarities, which it breaks by gallery index (see
+:func:`first_positive_ranks`).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
+import os
 import warnings
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, Union
 
 import numpy as np
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_MAX_BLOCK_BYTES",
     "DEFAULT_MAX_R",
     "METRIC_NAMES",
     "knn_search",
     "recall_at_k",
+    "recall_at_k_exact",
+    "first_positive_ranks",
     "precision_at_1",
     "r_precision",
     "map_at_r",
@@ -86,9 +101,17 @@ DEFAULT_MAX_R = 1000
 METRIC_NAMES = ("recall", "map_at_r", "r_precision", "precision_at_1", "nmi")
 #: Largest k the faiss GPU brute-force search supports; larger k runs on CPU.
 _GPU_MAX_K = 2048
+#: Default bound on the float32 similarity block of :func:`recall_at_k_exact`
+#: (256 MiB: 1109 query rows against the 60,502 images of SOP's test split).
+DEFAULT_MAX_BLOCK_BYTES = 256 * 2**20
+#: Rank given to queries without any same-class gallery item (never a hit).
+_MISS = np.iinfo(np.int64).max
+_TIE_RULES = ("index", "optimistic", "pessimistic")
 
 ArrayLike = Any
 UseGpu = Union[bool, Literal["auto"]]
+TieRule = Literal["index", "optimistic", "pessimistic"]
+RecallMethod = Literal["knn", "exact", "auto"]
 
 _GPU_RESOURCES: Any = None
 
@@ -300,6 +323,330 @@ def knn_search(
     if (indices < 0).any():  # pragma: no cover - faiss pads with -1 only if k > Ng
         raise RuntimeError("faiss returned fewer neighbours than requested.")
     return indices, sims
+
+
+# --------------------------------------------------------------------------- #
+# Exact Recall@k from first-positive ranks (no kNN lists)
+# --------------------------------------------------------------------------- #
+def _resolve_block_rows(
+    num_queries: int, num_gallery: int, block_size: int | None, max_block_bytes: int
+) -> int:
+    """Query rows per similarity block: ``block_size`` capped by ``max_block_bytes``."""
+    if isinstance(max_block_bytes, bool) or not isinstance(max_block_bytes, (int, np.integer)) or max_block_bytes < 1:
+        raise ValueError(f"max_block_bytes must be a positive integer, got {max_block_bytes!r}.")
+    if block_size is not None and (
+        isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1
+    ):
+        raise ValueError(f"block_size must be a positive integer or None, got {block_size!r}.")
+    rows = max(1, int(max_block_bytes) // (4 * num_gallery))
+    if block_size is not None:
+        rows = min(rows, int(block_size))
+    return min(rows, num_queries)
+
+
+def _class_members(gallery_labels: np.ndarray, num_codes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Gallery indices grouped by class (ascending within a class) and class offsets."""
+    order = np.argsort(gallery_labels, kind="stable").astype(np.int64)
+    starts = np.searchsorted(gallery_labels[order], np.arange(num_codes + 1)).astype(np.int64)
+    return order, starts
+
+
+def _block_best_positives(
+    sims: np.ndarray,
+    q_codes: np.ndarray,
+    self_cols: np.ndarray | None,
+    members: np.ndarray,
+    starts: np.ndarray,
+    max_gather: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Best same-class similarity per row of ``sims`` (taken from ``sims`` itself).
+
+    Returns ``(best, first_col, num_at_best)``: the best positive similarity
+    (``-inf`` for a query without positives), the smallest gallery index that
+    attains it, and how many positives attain it.
+    """
+    rows = sims.shape[0]
+    counts = starts[q_codes + 1] - starts[q_codes]
+    best = np.full(rows, -np.inf, dtype=np.float32)
+    first_col = np.zeros(rows, dtype=np.int64)
+    num_at_best = np.zeros(rows, dtype=np.int64)
+    ends = np.cumsum(counts)
+    lo = 0
+    while lo < rows:
+        # Rows [lo, hi) gather at most max_gather similarities (at least one row).
+        base = ends[lo - 1] if lo else 0
+        hi = max(lo + 1, int(np.searchsorted(ends, base + max_gather, side="right")))
+        hi = min(hi, rows)
+        seg_counts = counts[lo:hi]
+        total = int(seg_counts.sum())
+        if total:
+            row_rep = np.repeat(np.arange(lo, hi, dtype=np.int64), seg_counts)
+            seg_start = np.cumsum(seg_counts) - seg_counts
+            within = np.arange(total, dtype=np.int64) - np.repeat(seg_start, seg_counts)
+            cols = members[np.repeat(starts[q_codes[lo:hi]], seg_counts) + within]
+            vals = sims[row_rep, cols]
+            if self_cols is not None:  # the query itself is not a positive (by index)
+                vals[cols == self_cols[row_rep]] = -np.inf
+            nonempty = seg_counts > 0
+            local = np.flatnonzero(nonempty)
+            offsets = seg_start[nonempty]
+            seg_best = np.maximum.reduceat(vals, offsets)
+            at_best = vals == np.repeat(seg_best, seg_counts[nonempty])
+            big = np.iinfo(np.int64).max
+            seg_first = np.minimum.reduceat(np.where(at_best, cols, big), offsets)
+            seg_num = np.add.reduceat(at_best.astype(np.int64), offsets)
+            has = seg_best > -np.inf
+            idx = lo + local[has]
+            best[idx] = seg_best[has]
+            first_col[idx] = seg_first[has]
+            num_at_best[idx] = seg_num[has]
+        lo = hi
+    return best, first_col, num_at_best
+
+
+def _count_ranks(
+    sims: np.ndarray,
+    row_lo: int,
+    row_hi: int,
+    best: np.ndarray,
+    first_col: np.ndarray,
+    num_at_best: np.ndarray,
+    ties: str,
+    out: np.ndarray,
+) -> None:
+    """Writes the first-positive rank of rows ``[row_lo, row_hi)`` of ``sims`` into ``out``.
+
+    One pass over each row, in row-sized pieces that stay in cache; the numpy
+    calls release the GIL, so several threads can share a block.
+    """
+    scratch = np.empty(sims.shape[1], dtype=bool)
+    count, gt, ge = np.count_nonzero, np.greater, np.greater_equal
+    for r in range(row_lo, row_hi):
+        p = best[r]
+        if p == -np.inf:
+            continue  # no positive: out keeps its "miss" sentinel
+        row = sims[r]
+        if ties == "index":
+            j = int(first_col[r])
+            out[r] = count(ge(row[:j], p, out=scratch[:j])) + count(gt(row[j + 1:], p, out=scratch[j + 1:]))
+        elif ties == "optimistic":
+            out[r] = count(gt(row, p, out=scratch))
+        else:  # pessimistic
+            out[r] = count(ge(row, p, out=scratch)) - num_at_best[r]
+
+
+def _default_threads() -> int:
+    """Half the usable CPUs: the counting pass is memory-bound, and the BLAS
+    threads keep busy-waiting for a while after each GEMM (on 2 cores, a second
+    counting thread only competes with them)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // 2)
+
+
+def _positive_ranks(
+    query: np.ndarray,
+    gallery: np.ndarray,
+    query_codes: np.ndarray,
+    gallery_codes: np.ndarray,
+    same_source: bool,
+    *,
+    ties: str,
+    block_size: int | None,
+    max_block_bytes: int,
+    num_threads: int | None,
+) -> np.ndarray:
+    """Core of :func:`first_positive_ranks` on prepared (validated, coded) inputs."""
+    if ties not in _TIE_RULES:
+        raise ValueError(f"ties must be one of {list(_TIE_RULES)}, got {ties!r}.")
+    if num_threads is None:
+        num_threads = _default_threads()
+    if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)) or num_threads < 1:
+        raise ValueError(f"num_threads must be a positive integer or None, got {num_threads!r}.")
+    nq, ng = query.shape[0], gallery.shape[0]
+    rows = _resolve_block_rows(nq, ng, block_size, max_block_bytes)
+    num_codes = int(max(query_codes.max(initial=-1), gallery_codes.max(initial=-1))) + 1
+    members, starts = _class_members(gallery_codes, num_codes)
+    ranks = np.full(nq, _MISS, dtype=np.int64)
+    buf = np.empty((rows, ng), dtype=np.float32)
+    gallery_t = gallery.T  # a transposed view: sgemm reads it in place
+    # Same-class pairs gathered per step: about max_block_bytes of temporaries.
+    max_gather = max(rows, int(max_block_bytes) // 64)
+    pool = ThreadPoolExecutor(int(num_threads)) if num_threads > 1 else None
+    try:
+        for start in range(0, nq, rows):
+            stop = min(start + rows, nq)
+            b = stop - start
+            sims = buf[:b]
+            np.matmul(query[start:stop], gallery_t, out=sims)
+            self_cols = np.arange(start, stop, dtype=np.int64) if same_source else None
+            best, first_col, num_at_best = _block_best_positives(
+                sims, query_codes[start:stop], self_cols, members, starts, max_gather
+            )
+            if same_source:  # exclude the query itself, by index
+                sims[np.arange(b), self_cols] = -np.inf
+            out = ranks[start:stop]
+            if pool is None or b < 2 * num_threads:
+                _count_ranks(sims, 0, b, best, first_col, num_at_best, ties, out)
+            else:
+                edges = np.linspace(0, b, int(num_threads) + 1).astype(int)
+                jobs = [
+                    pool.submit(_count_ranks, sims, int(lo), int(hi), best, first_col, num_at_best, ties, out)
+                    for lo, hi in itertools.pairwise(edges)
+                ]
+                for job in jobs:
+                    job.result()
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    return ranks
+
+
+def _recall_from_ranks(ranks: np.ndarray, ks: Sequence[int]) -> dict[str, float]:
+    return {f"recall@{k}": float(np.mean(ranks < k)) for k in ks}
+
+
+def first_positive_ranks(
+    embeddings: ArrayLike,
+    labels: ArrayLike,
+    *,
+    query_embeddings: ArrayLike | None = None,
+    query_labels: ArrayLike | None = None,
+    normalize: bool = True,
+    ties: TieRule = "index",
+    block_size: int | None = None,
+    max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
+    num_threads: int | None = None,
+) -> np.ndarray:
+    """Exact rank of each query's nearest same-class gallery item.
+
+    The rank of a query is the 0-based position of its first same-class item
+    in its gallery sorted by decreasing similarity, i.e. the number of gallery
+    items ranked before it. In all-vs-all mode the query itself is removed from
+    its gallery *by index* (an exact duplicate of the query still counts, as in
+    :func:`knn_search`). A query is a Recall@k hit iff its rank is ``< k``.
+
+    No kNN lists are built: the query rows are processed in blocks whose
+    similarities come from one float32 GEMM (``numpy.matmul``, i.e. the BLAS
+    ``sgemm`` on all cores); the best positive similarity ``p`` of each query
+    is read from that same block (so it is bit-identical to the value it is
+    compared with), and the rank is the number of other items whose
+    similarity beats ``p`` under the tie rule:
+
+    * ``"index"`` (default): ties are broken by gallery index, lower first.
+      The rank is exactly the position of the first positive after a *stable*
+      sort by decreasing similarity (``np.argsort(-s, kind="stable")``), so the
+      result does not depend on the block size or the search depth.
+    * ``"optimistic"``: positives come first among exactly tied items
+      (``#{s > p}``): an upper bound on Recall@k over all tie orders.
+    * ``"pessimistic"``: positives come last among exactly tied items
+      (``#{s >= p} - #{positives with s == p}``): a lower bound.
+
+    The three coincide unless a different-class item has a similarity
+    *exactly* (bitwise, in float32) equal to a query's best positive.
+
+    Difference from the faiss path (:func:`recall_at_k`,
+    :func:`evaluate_embeddings` with ``recall_method="knn"``): given the same
+    float32 similarities, the per-query hits are identical except for queries
+    whose best positive is exactly tied with a different-class item. There
+    faiss (1.15, CPU ``IndexFlatIP``; observed, not documented by faiss) keeps
+    the *lowest* indices of a tie that straddles the search depth but lists
+    the items of a tie in *decreasing* index order, so its hit lies between
+    the ``"pessimistic"`` and ``"optimistic"`` ones and can depend on the
+    search depth (``max(ks)``, or R for MAP@R), while ``"index"`` is the
+    stable-sort order. faiss also computes the similarities with its own BLAS
+    build and blocking, so a near tie (within float32 rounding, ~1e-7) can
+    resolve differently too.
+
+    Memory: besides the inputs (and their normalised copies), one float32
+    buffer of ``rows * N_gallery`` similarities, where ``rows =
+    min(block_size, max_block_bytes // (4 * N_gallery))`` (at least one
+    row), one bool row per thread, and the block's same-class pairs, gathered
+    ``max(rows, max_block_bytes // 64)`` pairs at a time (about 50 bytes each,
+    so at most about ``max_block_bytes`` more; a single query's class is never
+    split). Never ``N x N``.
+
+    Args:
+        embeddings: [N, D] embeddings (the gallery in query/gallery mode).
+        labels: [N] class ids (any sortable dtype; shape [N, 1] is accepted).
+        query_embeddings: [Nq, D] queries for query/gallery mode (In-shop);
+            nothing is excluded from their gallery.
+        query_labels: [Nq] query class ids.
+        normalize: L2-normalise (cosine similarity); ``False`` uses raw inner
+            products.
+        ties: ``"index"``, ``"optimistic"`` or ``"pessimistic"`` (see above).
+        block_size: query rows per block; ``None`` takes the most that fit in
+            ``max_block_bytes``. ``max_block_bytes`` caps it either way.
+        max_block_bytes: bound on the similarity block (default 256 MiB).
+        num_threads: threads for the counting pass (default: half the CPUs
+            this process may use, at least one). The GEMM uses the BLAS
+            library's own threads (all cores by default).
+
+    Returns:
+        int64 [Nq] ranks in ``[0, available)``; queries without any same-class
+        gallery item (lone queries) get ``np.iinfo(np.int64).max``.
+
+    Raises:
+        ValueError: on bad inputs (as :func:`evaluate_embeddings`), an unknown
+            ``ties`` or a non-positive ``block_size``, ``max_block_bytes`` or
+            ``num_threads``.
+    """
+    p = _Prepared(embeddings, labels, query_embeddings, query_labels, normalize)
+    return p.positive_ranks(ties, block_size, max_block_bytes, num_threads)
+
+
+def recall_at_k_exact(
+    embeddings: ArrayLike,
+    labels: ArrayLike,
+    ks: int | Sequence[int] = (1, 2, 4, 8),
+    *,
+    query_embeddings: ArrayLike | None = None,
+    query_labels: ArrayLike | None = None,
+    normalize: bool = True,
+    ties: TieRule = "index",
+    block_size: int | None = None,
+    max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
+    num_threads: int | None = None,
+) -> dict[str, float]:
+    """Exact Recall@k for all ``ks`` at once, without kNN lists.
+
+    Same definition as :func:`recall_at_k` (every query counts, lone queries
+    are misses, the query itself is excluded by index in all-vs-all mode),
+    computed from :func:`first_positive_ranks`: Recall@k is the fraction of
+    queries whose first same-class item has rank ``< k``. The cost is one
+    ``2 * Nq * Ng * D`` FLOP GEMM plus one linear pass over the similarities,
+    whatever ``max(ks)``; the memory is bounded by ``max_block_bytes``.
+    Identical to the faiss path except for the order of exactly tied
+    similarities (see :func:`first_positive_ranks`).
+
+    Args:
+        embeddings: [N, D] embeddings (the gallery in query/gallery mode).
+        labels: [N] class ids.
+        ks: the k values, e.g. ``(1, 10, 100, 1000)`` (SOP); ``max(ks)`` may
+            not exceed the gallery size available per query (as in
+            :func:`recall_at_k`).
+        query_embeddings: [Nq, D] queries for query/gallery mode (In-shop).
+        query_labels: [Nq] query class ids.
+        normalize: L2-normalise (cosine similarity); ``False`` uses raw inner
+            products.
+        ties: tie rule, see :func:`first_positive_ranks`.
+        block_size: query rows per block (``None``: from ``max_block_bytes``).
+        max_block_bytes: bound on the float32 similarity block.
+        num_threads: threads for the counting pass (default: half the
+            usable CPUs, at least one).
+
+    Returns:
+        ``{"recall@k": value}`` for each k, values in [0, 1].
+
+    Raises:
+        ValueError: on bad inputs or ``max(ks)`` larger than the gallery.
+    """
+    ks = _validate_ks(ks)
+    p = _Prepared(embeddings, labels, query_embeddings, query_labels, normalize)
+    p.check_depth(max(ks))
+    return _recall_from_ranks(p.positive_ranks(ties, block_size, max_block_bytes, num_threads), ks)
 
 
 # --------------------------------------------------------------------------- #
@@ -578,7 +925,7 @@ class _Prepared:
         self.r = same_class_counts(self.query_labels, self.gallery_labels, same_source=self.same_source)
         self.available = gallery.shape[0] - (1 if self.same_source else 0)
 
-    def knn_labels(self, k: int, chunk_size: int, use_gpu: UseGpu) -> np.ndarray:
+    def check_depth(self, k: int) -> None:
         if k > self.available:
             raise ValueError(
                 f"a kNN depth of {k} was requested but each query only has "
@@ -586,6 +933,24 @@ class _Prepared:
                 + (" (the query itself is excluded)" if self.same_source else "")
                 + "; lower ks."
             )
+
+    def positive_ranks(
+        self, ties: str, block_size: int | None, max_block_bytes: int, num_threads: int | None
+    ) -> np.ndarray:
+        return _positive_ranks(
+            self.query,
+            self.gallery,
+            self.query_labels,
+            self.gallery_labels,
+            self.same_source,
+            ties=ties,
+            block_size=block_size,
+            max_block_bytes=max_block_bytes,
+            num_threads=num_threads,
+        )
+
+    def knn_labels(self, k: int, chunk_size: int, use_gpu: UseGpu) -> np.ndarray:
+        self.check_depth(k)
         idx, _ = knn_search(
             self.query,
             None if self.same_source else self.gallery,
@@ -781,11 +1146,16 @@ def evaluate_embeddings(
     use_gpu: UseGpu = "auto",
     nmi_seed: int = 0,
     nmi_niter: int = 20,
+    recall_method: RecallMethod = "knn",
+    max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
 ) -> dict[str, float]:
     """Computes the retrieval (and clustering) metrics from one kNN search.
 
     The search depth is ``max(max(ks), min(max R, max_r))`` over the requested
     metrics, i.e. AccuracyCalculator's ``k="max_bin_count"`` with a cap.
+    With ``recall_method="exact"`` Recall@k comes from
+    :func:`recall_at_k_exact` instead and ``max(ks)`` no longer enters the
+    search depth (no kNN search at all when only ``"recall"`` is requested).
 
     Args:
         embeddings: [N, D] embeddings; the gallery in query/gallery mode.
@@ -803,6 +1173,18 @@ def evaluate_embeddings(
         use_gpu: see :func:`knn_search`.
         nmi_seed: k-means seed for NMI (computed on the queries).
         nmi_niter: k-means iterations for NMI.
+        recall_method: how Recall@k is computed. ``"knn"`` (default): from the
+            faiss kNN lists, as before. ``"exact"``: :func:`recall_at_k_exact`
+            (one GEMM and one pass, memory bounded by ``max_block_bytes``, cost
+            independent of ``max(ks)``; ties broken by gallery index, which
+            differs from faiss only for queries whose best same-class
+            similarity is exactly tied with another class's, see
+            :func:`first_positive_ranks`). ``"auto"``: ``"exact"`` when Recall@k
+            is the only kNN-based metric requested (it then replaces the kNN
+            search; with MAP@R, R-Precision or Precision@1 the search runs
+            anyway and also yields Recall@k), else ``"knn"``; so ``"auto"``
+            can differ from ``"knn"`` in the same exact-tie cases.
+        max_block_bytes: similarity-block bound for the exact Recall@k path.
 
     Returns:
         A dict with the keys ``"recall@<k>"`` (each k), ``"map@r"``,
@@ -822,22 +1204,33 @@ def evaluate_embeddings(
     if not metrics:
         raise ValueError(f"metrics is empty; choose from {list(METRIC_NAMES)}.")
     want = set(metrics)
+    if recall_method not in ("knn", "exact", "auto"):
+        raise ValueError(f"recall_method must be 'knn', 'exact' or 'auto', got {recall_method!r}.")
     ks = _validate_ks(ks) if "recall" in want else ()
     p = _Prepared(embeddings, labels, query_embeddings, query_labels, normalize)
+    knn_metrics = want & {"map_at_r", "r_precision", "precision_at_1"}
+    exact_recall = "recall" in want and (
+        recall_method == "exact" or (recall_method == "auto" and not knn_metrics)
+    )
+
+    out: dict[str, float] = {}
+    if exact_recall:
+        p.check_depth(max(ks))
+        ranks = p.positive_ranks("index", None, max_block_bytes, None)
+        out.update(_recall_from_ranks(ranks, ks))
 
     depth = 0
-    if "recall" in want:
+    if "recall" in want and not exact_recall:
         depth = max(depth, max(ks))
     if want & {"map_at_r", "r_precision"}:
         depth = max(depth, _r_depth(p.r, max_r))
     if "precision_at_1" in want:
         depth = max(depth, 1)
 
-    out: dict[str, float] = {}
     if depth:
         knn = p.knn_labels(depth, chunk_size, use_gpu)
         r = p.r if max_r is None else np.minimum(p.r, int(max_r))
-        if "recall" in want:
+        if "recall" in want and not exact_recall:
             out.update(calculate_recall_at_k(knn, p.query_labels, ks))
         with warnings.catch_warnings():
             if len(want & {"map_at_r", "r_precision", "precision_at_1"}) > 1:

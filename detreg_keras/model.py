@@ -394,7 +394,12 @@ class DRegModel(keras.Model):
             self.reg_min_tracker.update_state(terms["reg_min"])
         if self.reg_max_tracker is not None:
             self.reg_max_tracker.update_state(terms["reg_max"])
-        return {m.name: m.result() for m in self.metrics}
+        logs = {m.name: m.result() for m in self.metrics}
+        if isinstance(self._distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            # Keras 3 reduces step logs across workers with reduce("MEAN", axis=0), which
+            # fails on scalars (keras-team/keras#20585): hand it [1]-vectors, it returns scalars.
+            logs = {name: tf.reshape(value, [1]) for name, value in logs.items()}
+        return logs
 
     @staticmethod
     def _unpack(data):
@@ -407,6 +412,29 @@ class DRegModel(keras.Model):
                 "regulariser are batch-level terms. Balance classes with the batch sampler instead."
             )
         return x, y
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Keras' pre-``fit`` symbolic build, made to work under ``MultiWorkerMirroredStrategy``.
+
+        Keras 3 (keras-team/keras#20585) averages the first distributed batch with
+        ``strategy.reduce("MEAN", ...)`` only to learn its shapes and dtypes;
+        ``CollectiveAllReduceStrategy`` cannot reduce a ``PerReplica`` of images and
+        ``fit`` fails before the first step. One replica's local batch has the same
+        structure, so it is used instead; other strategies keep Keras' path.
+        """
+        strategy = self._distribute_strategy
+        if iterator is None or not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+        for _, _, it in iterator:
+            batch = next(it)
+            data_batch = tf.nest.map_structure(
+                lambda v: strategy.experimental_local_results(v)[0]
+                if isinstance(v, tf.distribute.DistributedValues) else v,
+                batch,
+            )
+            break
+        with strategy.scope():
+            self._symbolic_build(data_batch=data_batch)
 
     def fit(self, x=None, y=None, *args, **kwargs):
         """``keras.Model.fit`` with early, clear errors for empty or mis-shaped data.

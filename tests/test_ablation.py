@@ -93,3 +93,70 @@ def test_real_tiny_grid_on_digits(tmp_path):
         assert row["recall@10_mean"] >= row["recall@1_mean"]
     saved = json.loads((tmp_path / "grid" / "regularizer-form" / "logdet-eq6" / "seed-0" / "config.json").read_text())
     assert saved["regularizer_form"] == "logdet" and saved["epochs"] == 1
+
+
+def _fake_trainer(tmp_path, calls):
+    """A stand-in for run_training that records what it trains and leaves metrics.json behind."""
+
+    def fake_run_training(cfg, resume=None):
+        calls.append((cfg.output_dir, cfg.seed))
+        metrics = {"recall@1": 0.5 + 0.01 * cfg.seed + cfg.lambda_min, "train_seconds": 1.0}
+        run_dir = tmp_path / cfg.output_dir / cfg.run_name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.json").write_text(json.dumps(metrics))
+        return {"run_dir": str(run_dir), "metrics": metrics, "history": {}}
+
+    return fake_run_training
+
+
+def test_cells_with_the_same_config_are_trained_once(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(training, "run_training", _fake_trainer(tmp_path, calls))
+    cfg = AblationConfig(preset="digits", studies=["dueling", "regularization", "lambda"], seeds=[0, 1],
+                         output_dir=str(tmp_path / "grid"))
+    jobs = ablation.plan_jobs(cfg)
+    shared = {(j["study"], j["cell"]): j["same_as"] for j in jobs if j["same_as"]}
+    # the default DReg run appears in all three studies
+    assert shared == {("regularization", "dreg"): ("dueling", "dueling"), ("lambda", "lambda=0.05"): ("dueling", "dueling")}
+    result = run_ablation(cfg, log=lambda *_: None)
+    trained_dirs = [d for d, _ in calls]
+    assert len(calls) == len(jobs) - 4 == len(set(calls))  # 2 shared cells x 2 seeds not retrained
+    assert not any(d.endswith("dreg") or d.endswith("lambda=0.05") for d in trained_dirs)
+    rows = {(r["study"], r["cell"]): r for r in result["rows"]}
+    for key in (("regularization", "dreg"), ("lambda", "lambda=0.05"), ("dueling", "dueling")):
+        assert rows[key]["n_seeds"] == 2 and rows[key]["recall@1_mean"] == pytest.approx(0.555)
+
+
+def test_shards_split_the_distinct_runs_and_a_plain_run_assembles_them(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(training, "run_training", _fake_trainer(tmp_path, calls))
+    cfg = AblationConfig(preset="digits", studies=["dueling", "regularization"], seeds=[0, 1, 2],
+                         output_dir=str(tmp_path / "grid"))
+    per_shard = []
+    for shard in ("0/2", "1/2"):
+        before = len(calls)
+        out = run_ablation(cfg, log=lambda *_: None, shard=shard)
+        per_shard.append(set(calls[before:]))
+        assert len(out["trained"]) == len(per_shard[-1])
+    assert not per_shard[0] & per_shard[1]
+    assert len(per_shard[0] | per_shard[1]) == 4 * 3  # dueling, single head, lambda=0, no flows
+    assert not (tmp_path / "grid" / "results.md").exists()  # shards write no tables
+    calls.clear()
+    result = run_ablation(cfg, log=lambda *_: None)
+    assert calls == [] and len(result["rows"]) == 5  # everything read back
+    for bad in ("2/2", "x/2", "1"):
+        with pytest.raises(ValueError, match="shard"):
+            run_ablation(cfg, log=lambda *_: None, shard=bad)
+
+
+def test_cell_seeds_restrict_secondary_cells(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(training, "run_training", _fake_trainer(tmp_path, calls))
+    cfg = AblationConfig(preset="digits", studies=["lambda"], seeds=[0, 1, 2], output_dir=str(tmp_path / "grid"),
+                         cell_seeds={"lambda1=0.05,lambda2=0.01": [0]})
+    rows = {r["cell"]: r for r in run_ablation(cfg, log=lambda *_: None)["rows"]}
+    assert rows["lambda1=0.05,lambda2=0.01"]["n_seeds"] == 1 and rows["lambda=0.5"]["n_seeds"] == 3
+    assert len(calls) == 8 * 3 + 1
+    cfg.cell_seeds = {"lambda=7": [0]}
+    with pytest.raises(ValueError, match="lambda=7"):
+        ablation.plan_jobs(cfg)

@@ -77,3 +77,102 @@ def test_mirrored_strategy_matches_single_device_on_the_same_global_batch(tmp_pa
     assert abs(out["single"]["loss"][0] - out["reference"]["loss"]) < 1e-4 * max(1.0, abs(out["reference"]["loss"]))
     assert out["moved"] > 1e-3  # the step did something ...
     assert out["weight_diff"] < 1e-5  # ... and the same thing on one device and on two replicas
+
+
+WORKER_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    mode, out_path = sys.argv[1], sys.argv[2]
+    import tensorflow as tf
+    strategy = tf.distribute.MultiWorkerMirroredStrategy() if mode == "worker" else None  # before any other op
+    import keras, numpy as np
+    import detreg_keras as dr
+
+    def backbone():  # no BatchNorm: per-replica batch statistics would legitimately differ
+        inputs = keras.Input((8, 8, 1))
+        x = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(inputs)
+        return keras.Model(inputs, x, name="backbone")
+
+    def make():
+        keras.utils.set_random_seed(0)
+        model = dr.DRegModel(num_classes=4, backbone=backbone(), embedding_dim=8, num_couplings=2, hidden_units=8)
+        model(np.zeros((2, 8, 8, 1), "float32"))
+        for i, w in enumerate(model.flow_min.trainable_weights + model.flow_max.trainable_weights):
+            w.assign(w + 0.1 * np.random.default_rng(i).normal(size=w.shape).astype("float32"))
+        model.compile(optimizer=keras.optimizers.SGD(0.05))
+        return model
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(4), 10).astype("int32")
+    x = (rng.uniform(0, 255, (40, 8, 8, 1)) + y[:, None, None, None] * 20).astype("float32")
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(20)  # 2 global batches of 20
+    if strategy is None:
+        model = make()
+        np.savez(out_path.replace(".npz", "_initial.npz"), *model.get_weights())
+    else:
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+        dataset = dataset.with_options(options)
+        with strategy.scope():
+            model = make()
+    history = model.fit(dataset, epochs=1, verbose=0).history
+    np.savez(out_path, *model.get_weights())
+    print(json.dumps({"replicas": 1 if strategy is None else strategy.num_replicas_in_sync,
+                      "loss": history["loss"][0]}))
+    """
+)
+
+
+def _free_ports(count: int) -> list[int]:
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_multi_worker_mirrored_strategy_matches_single_device(tmp_path):
+    """Two real worker processes (TF_CONFIG, gRPC on localhost) train like one device on the global batch."""
+    import os
+
+    import numpy as np
+
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER_SCRIPT)
+    cluster = {"worker": [f"localhost:{port}" for port in _free_ports(2)]}
+    workers = []
+    for index in range(2):
+        env = {**os.environ, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
+        workers.append(subprocess.Popen(
+            [sys.executable, str(script), "worker", str(tmp_path / f"worker{index}.npz")],
+            cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ))  # fmt: skip
+    single = subprocess.run([sys.executable, str(script), "single", str(tmp_path / "single.npz")],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    outputs = []
+    for proc in workers:
+        try:
+            stdout, stderr = proc.communicate(timeout=600)
+        finally:
+            proc.kill()
+        assert proc.returncode == 0, stderr[-3000:]
+        outputs.append(json.loads(stdout.strip().splitlines()[-1]))
+    assert single.returncode == 0, single.stderr[-3000:]
+    reference = json.loads(single.stdout.strip().splitlines()[-1])
+    assert [o["replicas"] for o in outputs] == [2, 2]
+    for out in outputs:  # the logged loss is the global batch's loss, on both workers
+        assert abs(out["loss"] - reference["loss"]) < 1e-4 * max(1.0, abs(reference["loss"]))
+    single_w = np.load(tmp_path / "single.npz")
+    initial = np.load(tmp_path / "single_initial.npz")
+    assert max(float(np.abs(single_w[k] - initial[k]).max()) for k in initial.files) > 1e-2  # it trained
+    for index in range(2):
+        worker_w = np.load(tmp_path / f"worker{index}.npz")
+        assert len(worker_w.files) == len(single_w.files)
+        for k in single_w.files:  # float32 round-off of a sum of 2 halves vs one sum, over 2 SGD steps
+            scale = max(1.0, float(np.abs(single_w[k]).max()))
+            assert float(np.abs(worker_w[k] - single_w[k]).max()) < 2e-5 * scale, (index, k)

@@ -478,3 +478,266 @@ def test_evaluate_embeddings_bad_input(kwargs, match):
     emb, lab = args.pop("embeddings"), args.pop("labels")
     with pytest.raises(ValueError, match=match):
         M.evaluate_embeddings(emb, lab, **args)
+
+
+# --------------------------------------------------------------------------- #
+# Exact Recall@k from first-positive ranks (recall_at_k_exact)
+# --------------------------------------------------------------------------- #
+MISS = np.iinfo(np.int64).max
+
+
+def _ref_first_positive_ranks(q, ql, g=None, gl=None):
+    """Brute force, float64, per query: (stable-sort, optimistic, pessimistic) ranks.
+
+    Only exact for data whose similarities are exact in float32 (small integers,
+    ``normalize=False``), where float32 and float64 agree bit for bit.
+    """
+    same = g is None
+    if same:
+        g, gl = q, ql
+    sims = np.asarray(q, np.float64) @ np.asarray(g, np.float64).T
+    out = np.full((3, len(q)), MISS, dtype=np.int64)
+    for i in range(len(q)):
+        ids = np.arange(len(g))
+        s = sims[i]
+        if same:  # drop the query itself, by index
+            ids, s = np.delete(ids, i), np.delete(s, i)
+        pos = gl[ids] == ql[i]
+        if not pos.any():
+            continue
+        order = np.argsort(-s, kind="stable")
+        out[0, i] = np.flatnonzero(pos[order])[0]
+        p = s[pos].max()
+        out[1, i] = np.sum(s > p)
+        out[2, i] = np.sum(s >= p) - np.sum(pos & (s == p))
+    return out
+
+
+def _tied_integer_data(rng, n=260, dim=5):
+    """Small integer vectors (exact float32 inner products, lots of exact ties),
+    pairs/medium classes and singletons."""
+    sizes = [12, 9, 6, 5, 4, 3, 3, 2, 2, 2] + [1] * 10
+    y = np.concatenate([np.full(s, c) for c, s in enumerate(sizes)])
+    y = rng.permutation(np.concatenate([y, rng.integers(0, 10, n - len(y))]))
+    x = rng.integers(-1, 2, size=(n, dim)).astype(np.float32)
+    return x, y
+
+
+def _knn_first_hits(x, y, depth, q=None, ql=None):
+    """Per-query position of the first same-class item in the faiss kNN list."""
+    if q is None:
+        idx, _ = M.knn_search(x, k=depth)
+        ql = y
+    else:
+        idx, _ = M.knn_search(q, x, k=depth)
+    match = y[idx] == ql[:, None]
+    return np.where(match.any(1), match.argmax(1), MISS)
+
+
+@pytest.mark.parametrize("block_size", [None, 1, 7, 64, 259])
+@pytest.mark.parametrize("num_threads", [1, 3])
+def test_first_positive_ranks_exact_tie_rules(block_size, num_threads):
+    rng = np.random.default_rng(20)
+    x, y = _tied_integer_data(rng)
+    ref = _ref_first_positive_ranks(x, y)
+    for rule, expected in zip(("index", "optimistic", "pessimistic"), ref):
+        got = M.first_positive_ranks(
+            x, y, normalize=False, ties=rule, block_size=block_size, num_threads=num_threads
+        )
+        np.testing.assert_array_equal(got, expected, err_msg=rule)
+    # Not vacuous: exact cross-class ties change many ranks; singletons are misses.
+    assert (ref[1] != ref[2]).sum() > 20
+    assert (ref[0] == MISS).sum() == 10
+
+
+def test_first_positive_ranks_query_gallery_exact_ties():
+    rng = np.random.default_rng(21)
+    g, gl = _tied_integer_data(rng, n=200)
+    q, ql = _tied_integer_data(rng, n=90)
+    ql = np.where(ql == 0, 999, ql)  # a class absent from the gallery: lone
+    q[:5] = g[:5]  # exact copies of gallery rows are not excluded here
+    ql[:5] = gl[:5]
+    ref = _ref_first_positive_ranks(q, ql, g, gl)
+    for rule, expected in zip(("index", "optimistic", "pessimistic"), ref):
+        got = M.first_positive_ranks(
+            g, gl, query_embeddings=q, query_labels=ql, normalize=False, ties=rule, block_size=13
+        )
+        np.testing.assert_array_equal(got, expected, err_msg=rule)
+    assert (ref[0][ql == 999] == MISS).all() and (ql == 999).any()
+
+
+def test_recall_exact_tie_rules_are_the_reference_bounds():
+    """optimistic / pessimistic = the tie-aware reference's two extreme orders."""
+    rng = np.random.default_rng(6)
+    y = rng.integers(0, 6, size=120)
+    x = (rng.integers(-1, 2, size=(120, 6)) + 2 * np.eye(6)[y]).astype(np.float32)
+    ks = (1, 2, 4, 8, 50)
+    lo, hi, _, _ = _reference(x, y, normalize=False, ks=ks, tie_tol=0.5)
+    kw = dict(normalize=False, block_size=17)
+    pess = M.recall_at_k_exact(x, y, ks, ties="pessimistic", **kw)
+    opt = M.recall_at_k_exact(x, y, ks, ties="optimistic", **kw)
+    idx = M.recall_at_k_exact(x, y, ks, **kw)
+    knn = M.recall_at_k(x, y, ks, normalize=False)
+    for key in pess:
+        assert pess[key] == lo[key] and opt[key] == hi[key], key
+        assert pess[key] <= idx[key] <= opt[key] and pess[key] <= knn[key] <= opt[key], key
+    assert any(lo[key] < hi[key] for key in lo if key.startswith("recall"))
+
+
+def test_recall_exact_differs_from_faiss_only_on_exact_cross_class_ties():
+    rng = np.random.default_rng(22)
+    x, y = _tied_integer_data(rng, n=300)
+    depth = 64
+    hits_knn = _knn_first_hits(x, y, depth)
+    ranks = M.first_positive_ranks(x, y, normalize=False)
+    opt = M.first_positive_ranks(x, y, normalize=False, ties="optimistic")
+    pess = M.first_positive_ranks(x, y, normalize=False, ties="pessimistic")
+    sims = x.astype(np.float64) @ x.astype(np.float64).T
+    ks = np.arange(1, depth + 1)
+    differ = ((hits_knn[:, None] < ks) != (ranks[:, None] < ks)).any(axis=1)
+    assert differ.any(), "the data should exhibit the documented difference"
+    for i in np.flatnonzero(differ):
+        others = np.arange(len(x)) != i
+        pos = others & (y == y[i])
+        p = sims[i, pos].max()
+        assert (others & ~pos & (sims[i] == p)).any(), i  # an exact cross-class tie
+    # Wherever faiss finds the first positive within the depth, it lies between
+    # the two extreme tie orders; rows without such ties agree exactly.
+    seen = hits_knn < depth
+    assert ((opt <= hits_knn) & (hits_knn <= pess))[seen].all()
+    assert (pess[~seen] >= depth).all()  # a faiss miss is a pessimistic miss too
+    no_tie = opt == pess
+    assert (hits_knn[no_tie & seen] == ranks[no_tie & seen]).all()
+    assert (ranks[no_tie & ~seen] >= depth).all()
+
+
+@pytest.mark.parametrize("block_size", [None, 1, 10, 97])
+def test_recall_exact_equals_knn_path_on_continuous_data(skewed, block_size):
+    """No cross-class ties (duplicates share a label): identical to faiss."""
+    x, y = skewed
+    ks = (1, 2, 4, 8, 16, 100, len(x) - 1)
+    expected = M.recall_at_k(x, y, ks)
+    assert M.recall_at_k_exact(x, y, ks, block_size=block_size) == expected
+    lo, hi, _, _ = _reference(x, y, ks=ks)
+    _assert_within(expected, lo, hi)
+    # Per query, the rank is the faiss position of the first positive.
+    hits = _knn_first_hits(M.l2_normalize(x), y, len(x) - 1)
+    ranks = M.first_positive_ranks(x, y, block_size=block_size)
+    np.testing.assert_array_equal(ranks, hits)
+    for rule in ("optimistic", "pessimistic"):
+        np.testing.assert_array_equal(M.first_positive_ranks(x, y, ties=rule), hits)
+
+
+def test_recall_exact_query_gallery_equals_knn_path():
+    rng = np.random.default_rng(23)
+    gl = _skewed_labels(rng)
+    g = _clustered(rng, gl)
+    ql = np.concatenate([rng.choice(gl, 70), np.full(4, 999)])  # 999: lone
+    q = (g[rng.integers(0, len(g), len(ql))] + rng.normal(size=(len(ql), g.shape[1]))).astype(np.float32)
+    q[:3] = g[:3]
+    ql[:3] = gl[:3]
+    ks = (1, 5, 10, 50, len(g))
+    expected = M.recall_at_k(g, gl, ks, query_embeddings=q, query_labels=ql)
+    for bs in (None, 3, 31):
+        got = M.recall_at_k_exact(g, gl, ks, query_embeddings=q, query_labels=ql, block_size=bs)
+        assert got == expected
+    ranks = M.first_positive_ranks(g, gl, query_embeddings=q, query_labels=ql)
+    assert (ranks[-4:] == MISS).all() and (ranks[:3] == 0).all()
+
+
+def test_recall_exact_singletons_and_all_lone():
+    # Singletons are misses in both paths (they count in the denominator).
+    x = np.random.default_rng(24).normal(size=(40, 8)).astype(np.float32)
+    y = np.concatenate([np.repeat(np.arange(10), 3), np.arange(100, 110)])
+    got = M.recall_at_k_exact(x, y, (1, 39))
+    assert got == M.recall_at_k(x, y, (1, 39))
+    assert got["recall@39"] == pytest.approx(30 / 40)
+    ones = M.evaluate_embeddings(np.eye(4), np.arange(4), (1, 3), metrics=("recall",), recall_method="exact")
+    assert ones == {"recall@1": 0.0, "recall@3": 0.0}
+
+
+def test_exact_block_rows_follow_memory_bound():
+    n = 1000
+    assert M._resolve_block_rows(n, n, None, 4 * n * 3 + 5) == 3
+    assert M._resolve_block_rows(n, n, None, 1) == 1  # at least one row
+    assert M._resolve_block_rows(n, n, 2, 4 * n * 3) == 2  # block_size below the cap
+    assert M._resolve_block_rows(n, n, 50, 4 * n * 3) == 3  # capped by the bytes
+    assert M._resolve_block_rows(n, n, None, 1 << 40) == n
+    assert M._resolve_block_rows(10, n, None, 1 << 40) == 10
+
+
+def test_exact_peak_memory_is_bounded():
+    import tracemalloc
+
+    rng = np.random.default_rng(25)
+    n, bound = 4000, 4 * 4000 * 10  # ten rows of similarities: 160 kB
+    x = M.l2_normalize(rng.normal(size=(n, 8)))
+    codes = rng.integers(0, n // 4, n)
+    full = n * n * 4  # 64 MB for N x N
+    kw = dict(ties="index", block_size=None, num_threads=2)
+    tracemalloc.start()
+    try:
+        small = M._positive_ranks(x, x, codes, codes, True, max_block_bytes=bound, **kw)
+        _, peak_small = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        big = M._positive_ranks(x, x, codes, codes, True, max_block_bytes=1 << 30, **kw)
+        _, peak_big = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(small, big)
+    assert peak_small < bound + 80 * n  # block + O(N) bookkeeping
+    assert peak_small < full / 50
+    assert peak_big > full * 0.9  # the unbounded run does hold N x N
+
+
+def test_evaluate_embeddings_recall_method(skewed, monkeypatch):
+    x, y = skewed
+    calls = []
+    real = M.knn_search
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("k", args[2] if len(args) > 2 else None))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(M, "knn_search", spy)
+    ks = (1, 2, 100)
+    everything = ("recall", "map_at_r", "r_precision", "precision_at_1")
+    base = M.evaluate_embeddings(x, y, ks, metrics=everything)
+    assert calls == [100]
+    exact = M.evaluate_embeddings(x, y, ks, metrics=everything, recall_method="exact")
+    assert exact == base and list(exact) == list(base)
+    r_max = int(_ref_r(y, y, True).max())
+    assert calls == [100, r_max]  # max(ks) no longer sets the search depth
+    auto = M.evaluate_embeddings(x, y, ks, metrics=everything, recall_method="auto")
+    assert auto == base and calls[-1] == 100  # other kNN metrics: one search
+    calls.clear()
+    only = M.evaluate_embeddings(x, y, ks, metrics=("recall",), recall_method="auto")
+    assert calls == [] and only == {k: base[k] for k in only}
+    assert M.evaluate_embeddings(x, y, ks, metrics=("recall",), recall_method="exact", max_block_bytes=1) == only
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(ties="random"), "ties must be one of"),
+        (dict(block_size=0), "block_size"),
+        (dict(block_size=2.5), "block_size"),
+        (dict(max_block_bytes=0), "max_block_bytes"),
+        (dict(num_threads=0), "num_threads"),
+        (dict(ks=(10,)), "only has 9 gallery items"),
+        (dict(ks=()), "at least one k"),
+        (dict(labels=np.zeros(9)), "labels has 9 entries"),
+    ],
+)
+def test_recall_at_k_exact_bad_input(kwargs, match):
+    args = dict(embeddings=np.random.default_rng(0).normal(size=(10, 4)), labels=np.repeat(np.arange(5), 2))
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        M.recall_at_k_exact(**args)
+
+
+def test_evaluate_embeddings_bad_recall_method():
+    with pytest.raises(ValueError, match="recall_method"):
+        M.evaluate_embeddings(np.ones((4, 2)), np.arange(4) // 2, (1,), recall_method="fast")
+    with pytest.raises(ValueError, match="only has 3 gallery items"):
+        M.evaluate_embeddings(np.ones((4, 2)), np.arange(4) // 2, (4,), recall_method="exact")
