@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from detreg_keras.evaluation import plot_recall_at_k
@@ -192,6 +193,27 @@ def test_resume_after_the_process_is_killed(tmp_path):
     assert [row["epoch"] for row in read_history(run_dir)] == [1, 2, 3, 4, 5, 6]
     assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 6
     assert not (run_dir / "backup").exists()
+
+    # parity: the same command run without interruption reaches the same weights and metrics
+    straight = subprocess.run(
+        [*cmd[:-6], "--output-dir", str(tmp_path), "--run-name", "straight", "--verbose", "0"],
+        cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    import keras
+
+    from detreg_keras import load_model
+
+    resumed_model, straight_model = (load_model(tmp_path / name / "model.keras") for name in ("killed", "straight"))
+    for a, b in zip(resumed_model.get_weights(), straight_model.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert keras.ops.convert_to_numpy(resumed_model.optimizer.iterations) == keras.ops.convert_to_numpy(
+        straight_model.optimizer.iterations
+    )
+    resumed_metrics = json.loads((run_dir / "metrics.json").read_text())
+    straight_metrics = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    for key in ("recall@1", "recall@2", "recall@4", "recall@8", "map@r"):
+        assert resumed_metrics[key] == pytest.approx(straight_metrics[key], abs=1e-6), key
 
 
 def test_main_job_prints_recall_at_1_2_4_8(main_job):
