@@ -101,16 +101,25 @@ def freeze_batchnorm(model: keras.Model) -> int:
     return count
 
 
+#: Moving-average momentum of the small CNN's BatchNorm layers: PyTorch's default
+#: (its ``momentum=0.1`` is Keras' ``0.9``). Keras' own default, 0.99, leaves the
+#: moving statistics of a network trained from scratch far behind the weights for
+#: the first few hundred steps: a 4-epoch Omniglot run (172 steps) evaluated at
+#: R@1 20.7% with the moving statistics (its untrained level) and 57.1% with
+#: batch statistics.
+SMALL_CNN_BN_MOMENTUM = 0.9
+
+
 def _small_cnn(image_size: int, channels: int, widths: tuple[int, ...], name: str) -> keras.Model:
     inputs = keras.Input((image_size, image_size, channels), name="images")
     x = ImagePreprocessing("scale", name="preprocess")(inputs)
     size = image_size
     for i, width in enumerate(widths):
         x = keras.layers.Conv2D(width, 3, padding="same", name=f"conv{i}_a")(x)
-        x = keras.layers.BatchNormalization(name=f"bn{i}_a")(x)
+        x = keras.layers.BatchNormalization(momentum=SMALL_CNN_BN_MOMENTUM, name=f"bn{i}_a")(x)
         x = keras.layers.Activation("relu", name=f"relu{i}_a")(x)
         x = keras.layers.Conv2D(width, 3, padding="same", name=f"conv{i}_b")(x)
-        x = keras.layers.BatchNormalization(name=f"bn{i}_b")(x)
+        x = keras.layers.BatchNormalization(momentum=SMALL_CNN_BN_MOMENTUM, name=f"bn{i}_b")(x)
         x = keras.layers.Activation("relu", name=f"relu{i}_b")(x)
         if size >= 4 and i < len(widths) - 1:
             x = keras.layers.MaxPooling2D(2, name=f"pool{i}")(x)
