@@ -20,7 +20,7 @@ Settings (``--settings``):
 
 The models are built and compiled exactly as :func:`detreg_keras.training.run_training`
 does (:func:`~detreg_keras.training.build_model` on a resolved ``TrainConfig``,
-``model.compile(optimizer=make_optimizer(...))`` with the preset's learning rates,
+``model.compile(optimizer=make_run_optimizer(...))`` with the preset's learning rates,
 weight decay and linear decay; no warm-up epoch, so that every step is a
 full-backbone step as in the bulk of a run).
 
@@ -187,8 +187,7 @@ def build_compiled_model(setting: dict[str, Any], flow: str, seed: int, total_st
     """
     import keras  # noqa: PLC0415
 
-    from detreg_keras.optim import make_optimizer  # noqa: PLC0415
-    from detreg_keras.training import build_model, resolve_config  # noqa: PLC0415
+    from detreg_keras.training import build_model, make_run_optimizer, resolve_config  # noqa: PLC0415
 
     cfg = resolve_config(
         setting["preset"], **setting["overrides"], flow=flow, batch_size=setting["batch_size"], warmup_epochs=0,
@@ -197,17 +196,7 @@ def build_compiled_model(setting: dict[str, Any], flow: str, seed: int, total_st
     keras.utils.set_random_seed(cfg.seed)
     model = build_model(cfg, NUM_CLASSES)
     model.build((None, cfg.image_size, cfg.image_size, cfg.channels))
-    epochs = max(cfg.epochs, 1)
-    model.compile(
-        optimizer=make_optimizer(
-            learning_rate=cfg.learning_rate,
-            head_lr_multiplier=cfg.head_lr_multiplier,
-            proxy_lr_multiplier=cfg.proxy_lr_multiplier,
-            weight_decay=cfg.weight_decay,
-            total_steps=total_steps,
-            warmup_steps=(total_steps // epochs) * cfg.warmup_epochs,
-        )
-    )
+    model.compile(optimizer=make_run_optimizer(cfg, max(total_steps // max(cfg.epochs, 1), 1)))  # as run_training
     model.optimizer.build(model.trainable_variables)  # what fit's symbolic build does before the first step
     return model, cfg
 

@@ -728,6 +728,18 @@ def build_model(cfg: TrainConfig, num_classes: int) -> DRegModel:
     )
 
 
+def make_run_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    """The optimizer of a run: :func:`make_optimizer` with ``cfg``'s rates and its schedule in steps."""
+    return make_optimizer(
+        learning_rate=cfg.learning_rate,
+        head_lr_multiplier=cfg.head_lr_multiplier,
+        proxy_lr_multiplier=cfg.proxy_lr_multiplier,
+        weight_decay=cfg.weight_decay,
+        total_steps=steps_per_epoch * cfg.epochs,
+        warmup_steps=steps_per_epoch * cfg.warmup_epochs,
+    )
+
+
 def _check_config(cfg: TrainConfig) -> None:
     if cfg.epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {cfg.epochs}.")
@@ -786,16 +798,7 @@ def run_training(
 
     model = build_model(cfg, num_classes)
     model.build((None, cfg.image_size, cfg.image_size, cfg.channels))  # BackupAndRestore needs a built model
-    model.compile(
-        optimizer=make_optimizer(
-            learning_rate=cfg.learning_rate,
-            head_lr_multiplier=cfg.head_lr_multiplier,
-            proxy_lr_multiplier=cfg.proxy_lr_multiplier,
-            weight_decay=cfg.weight_decay,
-            total_steps=steps_per_epoch * cfg.epochs,
-            warmup_steps=steps_per_epoch * cfg.warmup_epochs,
-        )
-    )
+    model.compile(optimizer=make_run_optimizer(cfg, steps_per_epoch))
 
     done = _backup_epoch(backup_dir) if resume is not None else 0
     if done:

@@ -19,3 +19,15 @@ OMNIGLOT_DIR = REPO_ROOT.parent / "shared" / "data" / "omniglot"
 def _seed():
     keras.utils.set_random_seed(1234)
     yield
+
+
+def load_script(name: str, folder: str = "scripts"):
+    """Import ``REPO_ROOT/folder/name.py`` (scripts are not a package) as module ``_script_name``."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(f"_script_{name}", REPO_ROOT / folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

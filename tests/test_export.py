@@ -20,16 +20,10 @@ from PIL import Image
 
 import detreg_keras
 from detreg_keras import export
+from tests.conftest import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE, DIM = 32, 32
-
-
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"_script_{name}", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def make_model(flow: str = "realnvp", seed: int = 0, scale: float = 0.05) -> detreg_keras.DRegModel:
@@ -140,7 +134,7 @@ def test_parity_failure_raises_and_writes_nothing(exported, tmp_path, monkeypatc
     with pytest.raises(export.ParityError):
         export.export_onnx(model, tmp_path / "bad.onnx")
     assert list(tmp_path.iterdir()) == []
-    cli = _load_script("export_onnx")
+    cli = load_script("export_onnx")
     assert cli.main([str(tmp_path / "m.keras"), "--output", str(tmp_path / "x.onnx")]) == 1  # missing model
     model.save(tmp_path / "m.keras")
     assert cli.main([str(tmp_path / "m.keras"), "--output", str(tmp_path / "x.onnx")]) == 2  # parity failure
@@ -164,7 +158,7 @@ def test_cli_exports_run_dir_and_refuses_overwrite(exported, tmp_path, capsys):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     model.save(run_dir / "model.keras")
-    cli = _load_script("export_onnx")
+    cli = load_script("export_onnx")
     out = tmp_path / "model.onnx"
     assert cli.main([str(run_dir), "--output", str(out), "--opset", "15"]) == 0
     printed = capsys.readouterr().out
@@ -211,7 +205,7 @@ def test_saved_model_layout_and_refusal(saved_model):
         export.export_saved_model(model, base, "detreg", 1)
     with pytest.raises(ValueError):
         export.export_saved_model(model, base, "detreg", 0)
-    cli = _load_script("export_saved_model")
+    cli = load_script("export_saved_model")
     assert cli.main([str(base / "missing.keras"), "--base-dir", str(base), "--name", "detreg", "--version", "1"]) == 1
 
 
@@ -277,7 +271,7 @@ def test_saved_model_cli_shows_signatures(saved_model):
 def test_saved_model_cli_script(exported, tmp_path, capsys):
     model, _, _ = exported["nice"]
     model.save(tmp_path / "m.keras")
-    cli = _load_script("export_saved_model")
+    cli = load_script("export_saved_model")
     args = [str(tmp_path / "m.keras"), "--base-dir", str(tmp_path / "models"), "--name", "nice", "--version", "3"]
     assert cli.main(args + ["--no-check"]) == 0
     assert (tmp_path / "models" / "nice" / "3" / "saved_model.pb").is_file()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -25,6 +24,7 @@ from detreg_keras.retrieval import (
     load_image,
     recall_against_exact,
 )
+from tests.conftest import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE, DIM = 32, 16
@@ -324,13 +324,6 @@ def _image_folder(root: Path) -> dict[str, list[Path]]:
     return out
 
 
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"_script_{name}", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_list_image_folder(tmp_path):
     files = _image_folder(tmp_path)
     paths, labels = list_image_folder(tmp_path)
@@ -356,7 +349,7 @@ def test_cli_build_and_search(model_and_onnx, embedder, tmp_path, capsys):
     assert index.kind == "hnsw" and sorted(set(index.labels)) == ["blue", "red"]
     assert "red/sub/red2.png" in set(index.ids)
 
-    cli = _load_script("detreg_index")
+    cli = load_script("detreg_index")
     query = files["red"][1]
     assert cli.main(["search", "--index", str(out), "--model", str(onnx_path), str(query), "--k", "3", "--json"]) == 0
     (result,) = json.loads(capsys.readouterr().out)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -22,22 +21,15 @@ from detreg_keras.training import (
     read_history,
     resolve_config,
 )
+from tests.conftest import load_script
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OMNIGLOT_ROOT = (REPO_ROOT / ".." / "shared" / "data" / "omniglot").resolve()
 TINY_FLAGS = ["--cnn-widths", "8", "16", "--embedding-dim", "8", "--num-couplings", "2", "--hidden-units", "8"]
 
 
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"_script_{name}", REPO_ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-train_script = _load_script("train")
-evaluate_script = _load_script("evaluate")
+train_script = load_script("train")
+evaluate_script = load_script("evaluate")
 
 
 def _env() -> dict[str, str]:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import keras
@@ -22,19 +20,12 @@ from detreg_keras.training import (
     resolve_config,
     run_training,
 )
+from tests.conftest import load_script
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"_script_{name}", REPO_ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-train_script = _load_script("train")
+train_script = load_script("train")
 
 
 def tiny(tmp_path: Path, **overrides) -> TrainConfig:
