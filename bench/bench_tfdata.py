@@ -8,7 +8,10 @@ smooth noise, filled shapes, a slight blur and sensor-like noise), encoded by
 Pillow at quality 90, which gives CUB-like files of about 30-60 KB.
 
 Contenders, interleaved (a fresh iterator per timed sample, ``--warmup-batches``
-untimed batches first, the order rotating every round):
+untimed batches first, the order rotating every round), **each in its own worker
+process** (``--isolation process``, the default): pipelines sharing one process
+disturbed one another's timings by up to 1.6x here (``--isolation none`` keeps
+that mode for comparison):
 
 * ``library``: the training input pipeline of :func:`detreg_keras.training.run_training`
   for a folder dataset with the paper recipe (``cub200`` preset): ``load_image_folder``
@@ -22,18 +25,19 @@ untimed batches first, the order rotating every round):
 * ``bare_transform``: in-memory bytes -> ``map(decode_train_transform)`` -> batch ->
   prefetch, i.e. the library's per-image function without the pipeline around it
   (what the pipeline's bookkeeping costs);
-* ``alt_epoch_generator`` (ALTERNATIVE, not the library): ``library`` with a local copy
-  of the random-sampler branch of ``make_train_dataset`` whose ``from_generator`` yields
-  one whole epoch plan (indices ``[N]``, seeds ``[N, 2]``) per epoch instead of one
-  Python tuple per image, ``unbatch``-ed in the graph, the paths (or bytes) and labels
-  gathered from constant tensors -- the same elements in the same order with the same
-  seeds (the first batches are compared bit for bit and the difference reported);
+* ``old_from_generator`` (PREVIOUS DESIGN, not the library): ``library`` with a local
+  copy of the random-sampler source the library used until 2026-11-23: a
+  ``Dataset.from_generator`` yielding the epoch plan in chunks of 256 (sources, labels,
+  seeds), ``unbatch``-ed in the graph. Same sampler, seeds, decode/augment function,
+  ``ignore_errors`` / batch / prefetch: the same batches (the first two are compared bit
+  for bit). It shows what the ``numpy_function`` + ``from_tensor_slices`` source of
+  :func:`detreg_keras.data.sampling.plan_dataset` gains: ``from_generator`` roughly
+  halved the images decoded per CPU-second of the whole pipeline;
 * ``alt_aa_downscale_only`` (ALTERNATIVE, not the library): ``library`` with a local copy
   of ``decode_train_transform`` whose resize runs the antialiased kernel
   (``ScaleAndTranslate``) only when the crop is larger than the output and plain
   bilinear otherwise -- the same output up to float rounding (antialiasing changes
   nothing when upscaling; the max abs difference is measured and reported);
-* ``alt_epoch_generator+aa_downscale_only`` (ALTERNATIVE): both changes;
 * ``alt_no_antialias`` (ALTERNATIVE, reference only): ``library`` with a plain bilinear
   resize -- NOT equivalent to torchvision/PIL's antialiased downscale; it shows what
   the antialiased resize costs.
@@ -49,7 +53,7 @@ the consumer), and it is less sensitive to other processes' load. The Markdown t
 goes to stdout, ``--json`` writes every sample.
 
 Duration on the project's 2-core VM with the defaults: about 4 min (512 JPEGs
-made in ~20 s, 7 contenders x 2 modes x 7 rounds of 16 + 2 batches of 32).
+made in ~20 s, 6 contenders x 2 modes x 7 rounds of 16 + 2 batches of 32).
 
     python bench/bench_tfdata.py                                    # 512 images, threads 1 and all
     python bench/bench_tfdata.py --reps 9 --batches 24 --json tfdata.json
@@ -81,7 +85,7 @@ import numpy as np  # noqa: E402
 TARGET_PER_CORE = 450.0
 CONTENDERS = (
     "library", "library_m_per_class", "bare_transform",
-    "alt_epoch_generator", "alt_aa_downscale_only", "alt_epoch_generator+aa_downscale_only", "alt_no_antialias",
+    "old_from_generator", "alt_aa_downscale_only", "alt_no_antialias",
 )
 SAMPLES_PER_CLASS = 4
 
@@ -101,7 +105,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of the synthetic images")
     p.add_argument("--image-dir", default=None, help="write (or reuse) the JPEGs here instead of a temp folder")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--isolation", choices=["process", "none"], default="process",
+                   help="process: one worker process per contender (default); none: all in this process")
     p.add_argument("--json", default=None, help="also write the results as JSON")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -245,17 +252,15 @@ def max_abs_diff(alt: Callable[..., Any], blobs: list[bytes], image_size: int) -
     return worst
 
 
-def make_train_dataset_epoch_generator(records, batch_size: int, image_size: int = 224, *, seed: int = 0,
-                                       scale=(0.08, 1.0), flip: bool = True, repeat: bool = False,
-                                       num_parallel_calls: int | None = None):
-    """A local copy of ``make_train_dataset(records, sampler="random")`` with a per-epoch generator.
+def make_train_dataset_from_generator(records, batch_size: int, image_size: int = 224, *, seed: int = 0,
+                                      scale=(0.08, 1.0), flip: bool = True, repeat: bool = False,
+                                      num_parallel_calls: int | None = None):
+    """A local copy of the previous ``make_train_dataset(records, sampler="random")`` (``from_generator``).
 
-    The library's generator yields one ``(source, label, seed)`` tuple per image, each
-    a Python call through ``from_generator``'s ``py_func``; here it yields the epoch's
-    whole plan ``(indices [N], seeds [N, 2])`` once, ``unbatch`` splits it in the
-    graph and the sources and labels are gathered from constant tensors. Same
-    sampler, same per-example seeds, same decode/augment function, same
-    ``ignore_errors`` / batch / prefetch: the same batches.
+    The generator yields each epoch's plan in chunks of 256 ``(sources, labels,
+    seeds)``, unbatched in the graph; the rest (per-example decode/augment,
+    ``ignore_errors``, batch, prefetch) is the library's. Same sampler, same
+    per-example seeds: the same batches as the library.
     """
     import tensorflow as tf  # noqa: PLC0415
 
@@ -264,28 +269,28 @@ def make_train_dataset_epoch_generator(records, batch_size: int, image_size: int
 
     stats = P.DecodeStats()
     in_memory = records.in_memory
-    sources = tf.constant(records.data if in_memory else records.paths, tf.string)
-    labels = tf.constant(records.labels, tf.int64)
+    sources = records.data if in_memory else records.paths
+    labels = records.labels
     sampler = RandomSampler(len(records), seed=seed)
     state = {"epoch": 0}
+    chunk = 256
 
-    def on_epoch(epoch: int) -> None:
-        if epoch > 0:
-            stats.warn_if_dropped()
+    def generate():
+        for _, indices, seeds in iter_epochs(sampler, repeat, state):
+            for start in range(0, len(indices), chunk):
+                rows = indices[start : start + chunk]
+                items = np.empty(len(rows), dtype=object)
+                items[:] = [sources[i] for i in rows]
+                yield items, labels[rows], seeds[start : start + chunk]
 
-    def plans():
-        for _, indices, seeds in iter_epochs(sampler, repeat, state, on_epoch):
-            yield indices.astype(np.int64), seeds.astype(np.int64)
+    signature = (tf.TensorSpec([None], tf.string), tf.TensorSpec([None], tf.int64), tf.TensorSpec([None, 2], tf.int64))
+    ds = tf.data.Dataset.from_generator(generate, output_signature=signature).unbatch()
 
-    signature = (tf.TensorSpec([None], tf.int64), tf.TensorSpec([None, 2], tf.int64))
-    ds = tf.data.Dataset.from_generator(plans, output_signature=signature).unbatch()
-
-    def load_element(index: tf.Tensor, seed_: tf.Tensor):
+    def load_element(src: tf.Tensor, label: tf.Tensor, seed_: tf.Tensor):
         def run() -> tf.Tensor:
-            data = P._read(tf.gather(sources, index), in_memory)
-            return P.decode_train_transform(data, image_size, scale=scale, flip=flip, seed=seed_)
+            return P.decode_train_transform(P._read(src, in_memory), image_size, scale=scale, flip=flip, seed=seed_)
 
-        return stats._track(1, run), tf.gather(labels, index)
+        return stats._track(1, run), label
 
     ds = ds.map(load_element, num_parallel_calls=num_parallel_calls or tf.data.AUTOTUNE)
     ds = ds.ignore_errors(log_warning=True)
@@ -354,8 +359,8 @@ def build_pipeline(name: str, records, blobs: list[bytes], args: argparse.Namesp
     elif name == "alt_no_antialias":
         transform = make_alt_decode_train_transform("never")
     with patched_transform(transform):
-        if name.startswith("alt_epoch_generator"):
-            return make_train_dataset_epoch_generator(records, cfg.batch_size, **common)
+        if name == "old_from_generator":
+            return make_train_dataset_from_generator(records, cfg.batch_size, **common)
         if name == "library_m_per_class":
             return make_train_dataset(records, cfg.batch_size, sampler="m_per_class",
                                       samples_per_class=SAMPLES_PER_CLASS, **common)
@@ -366,7 +371,7 @@ def output_diffs(records, blobs: list[bytes], args: argparse.Namespace) -> dict[
     """Max abs difference of each contender's output from the library's.
 
     The per-image alternatives are compared image by image on the same seeds; the
-    ``alt_epoch_generator`` ones on their first two batches against fresh ``library``
+    ``old_from_generator`` one on its first two batches against fresh ``library``
     pipelines (labels must match too, else ``inf``). ``library_m_per_class`` samples
     other batches: ``None``.
     """
@@ -375,7 +380,7 @@ def output_diffs(records, blobs: list[bytes], args: argparse.Namespace) -> dict[
     for name in args.contenders:
         if name in per_image:
             out[name] = max_abs_diff(make_alt_decode_train_transform(per_image[name]), blobs[:8], args.image_size)
-        elif name.startswith("alt_epoch_generator"):
+        elif name == "old_from_generator":
             library = build_pipeline("library", records, blobs, args)
             out[name] = first_batches_diff(library, build_pipeline(name, records, blobs, args))
     return out
@@ -395,9 +400,106 @@ def time_sample(ds, batches: int, warmup: int) -> tuple[float, float]:
     return wall, cpu
 
 
+class InProcessSamplers:
+    """Every contender's pipeline in this process (``--isolation none``).
+
+    Measured here, pipelines disturb one another: after another pipeline has run
+    in the same process, the next one decoded up to 1.6x fewer images per
+    CPU-second than when it ran alone, and a ``from_generator`` pipeline in the
+    mix made it worse. Kept for comparison only.
+    """
+
+    def __init__(self, keys, records, blobs, root: Path, args: argparse.Namespace) -> None:
+        pipelines = {name: build_pipeline(name, records, blobs, args) for _, name in keys}
+        self.runs = {(mode, name): pipelines[name].with_options(thread_options(mode)) for mode, name in keys}
+        self.args = args
+        for key in keys:  # trace / start each once
+            time_sample(self.runs[key], 1, 1)
+
+    def sample(self, key) -> tuple[float, float]:
+        return time_sample(self.runs[key], self.args.batches, self.args.warmup_batches)
+
+    def close(self) -> None:
+        self.runs.clear()
+
+
+class ProcessSamplers:
+    """One worker process per ``(threads, contender)`` (``--isolation process``, the default).
+
+    Each worker imports TensorFlow, builds its pipeline once and then times one
+    sample (a fresh iterator) per request, measuring its own process CPU time;
+    the parent interleaves the requests with a rotating order, so every
+    contender sees the same machine load, and no contender shares a process
+    (allocator, thread pools, tf.data runtime) with another.
+    """
+
+    def __init__(self, keys, records, blobs, root: Path, args: argparse.Namespace) -> None:
+        import subprocess  # noqa: PLC0415
+
+        self.args = args
+        self.workers = {}
+        for mode, name in keys:
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", f"{mode}:{name}", "--image-dir", str(root),
+                   "--num-images", str(args.num_images), "--classes", str(args.classes),
+                   "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
+                   "--batches", str(args.batches), "--warmup-batches", str(args.warmup_batches),
+                   "--seed", str(args.seed)]  # fmt: skip
+            self.workers[(mode, name)] = subprocess.Popen(
+                cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+                env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+            )  # fmt: skip
+        for key in keys:  # wait until every worker has built and traced its pipeline
+            self._read(key)
+
+    def _read(self, key) -> dict[str, Any]:
+        line = self.workers[key].stdout.readline()
+        if not line:
+            raise RuntimeError(f"bench worker {key} exited (code {self.workers[key].poll()})")
+        return json.loads(line)
+
+    def sample(self, key) -> tuple[float, float]:
+        worker = self.workers[key]
+        worker.stdin.write("sample\n")
+        worker.stdin.flush()
+        out = self._read(key)
+        return out["wall"], out["cpu"]
+
+    def close(self) -> None:
+        for worker in self.workers.values():
+            if worker.poll() is None:
+                worker.stdin.close()
+                worker.wait(timeout=60)
+
+
+def worker_main(args: argparse.Namespace) -> int:
+    """``--worker MODE:NAME``: build one pipeline, then time one sample per ``sample`` line on stdin."""
+    logging.getLogger("detreg_keras.data.pipeline").setLevel(logging.ERROR)
+    import gc  # noqa: PLC0415
+
+    from detreg_keras.data import load_image_folder  # noqa: PLC0415
+
+    mode, name = args.worker.split(":", 1)
+    records = load_image_folder(Path(args.image_dir))
+    if len(records) > args.num_images:
+        records = records.subset(range(args.num_images))
+    blobs = [Path(p).read_bytes() for p in records.paths]
+    ds = build_pipeline(name, records, blobs, args).with_options(thread_options(mode))
+    time_sample(ds, 1, 1)
+    print(json.dumps({"ready": args.worker}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "sample":
+            continue
+        wall, cpu = time_sample(ds, args.batches, args.warmup_batches)
+        gc.collect()
+        print(json.dumps({"wall": wall, "cpu": cpu}), flush=True)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the benchmark; returns 0 (prints a table, optionally writes ``--json``)."""
     args = parse_args(argv)
+    if args.worker:
+        return worker_main(args)
     if args.batch_size % SAMPLES_PER_CLASS or args.batch_size // SAMPLES_PER_CLASS > args.classes:
         raise SystemExit(f"--batch-size must be a multiple of {SAMPLES_PER_CLASS} with at most --classes classes.")
     t_start = time.perf_counter()
@@ -407,9 +509,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from detreg_keras.data import load_image_folder  # noqa: PLC0415
 
-    # Every timed sample abandons its iterator with images in flight, and with repeat=True the
-    # pipeline's DecodeStats reports in-flight images as "dropped" at each epoch start: silence
-    # those (false) warnings; the synthetic JPEGs are all valid.
+    # Every timed sample abandons its iterator with images in flight, which a later epoch start of the
+    # same (repeat=True) pipeline may count as dropped: silence those warnings; the JPEGs are all valid.
     pipeline_logger = logging.getLogger("detreg_keras.data.pipeline")
     logger_level = pipeline_logger.level
     pipeline_logger.setLevel(logging.ERROR)
@@ -427,27 +528,27 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{data_info['kb_max']:.0f} KB; made in {data_info['seconds']:.1f} s), load {os.getloadavg()[0]:.1f}",
               flush=True)
         diffs = output_diffs(records, blobs, args)
-        pipelines = {name: build_pipeline(name, records, blobs, args) for name in args.contenders}
         cores = {"1": 1, "all": os.cpu_count() or 1}
-        runs = {(mode, name): ds.with_options(thread_options(mode))
-                for mode in args.threads for name, ds in pipelines.items()}
-        keys = list(runs)
-        for key in keys:  # trace / start each once
-            time_sample(runs[key], 1, 1)
+        keys = [(mode, name) for mode in args.threads for name in args.contenders]
+        samplers = (ProcessSamplers if args.isolation == "process" else InProcessSamplers)(keys, records, blobs,
+                                                                                          root, args)
         images = args.batches * args.batch_size
         wall = {k: [] for k in keys}
         cpu = {k: [] for k in keys}
         loads = []
-        for rep in range(args.reps):
-            order = keys[rep % len(keys):] + keys[: rep % len(keys)]
-            for key in order:
-                w, c = time_sample(runs[key], args.batches, args.warmup_batches)
-                wall[key].append(w)
-                cpu[key].append(c)
-            loads.append(os.getloadavg()[0])
-            print(f"round {rep + 1}/{args.reps}: "
-                  + " | ".join(f"{m}:{n} {images / wall[(m, n)][-1]:.0f}" for m, n in keys)
-                  + f" img/s | load {loads[-1]:.1f}", flush=True)
+        try:
+            for rep in range(args.reps):
+                order = keys[rep % len(keys):] + keys[: rep % len(keys)]
+                for key in order:
+                    w, c = samplers.sample(key)
+                    wall[key].append(w)
+                    cpu[key].append(c)
+                loads.append(os.getloadavg()[0])
+                print(f"round {rep + 1}/{args.reps}: "
+                      + " | ".join(f"{m}:{n} {images / wall[(m, n)][-1]:.0f}" for m, n in keys)
+                      + f" img/s | load {loads[-1]:.1f}", flush=True)
+        finally:
+            samplers.close()
     finally:
         pipeline_logger.setLevel(logger_level)
         if tmp is not None:

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -47,7 +47,7 @@ from detreg_keras.data.sampling import (
     MPerClassSampler,
     RandomSampler,
     Sampler,
-    iter_epochs,
+    plan_dataset,
 )
 
 logger = logging.getLogger(__name__)
@@ -323,20 +323,32 @@ def eval_transform(
 class DecodeStats:
     """Counts images a pipeline tried to decode and those that succeeded.
 
-    ``dropped = attempted - decoded`` (approximate while a pipeline is still
-    running, because of parallel map and prefetch). Pass the same object to
-    :func:`make_train_dataset` / :func:`make_eval_dataset` to read it.
+    ``dropped = attempted - decoded``. While a pipeline runs this includes the
+    images still being decoded, so it is exact only once an iteration has
+    finished. Pass the same object to :func:`make_train_dataset` /
+    :func:`make_eval_dataset` to read it.
+
+    A training pipeline built from :class:`ImageRecords` reports drops at the
+    start of each epoch (logger ``detreg_keras.data.pipeline``): with
+    ``repeat=False`` those of the previous iteration, which has finished; with
+    ``repeat=True``, where images of the previous epoch may still be in flight,
+    those of the epoch before it, counted separately per epoch parity, so that
+    in-flight images are never reported as dropped.
     """
 
     def __init__(self) -> None:
         with tf.init_scope():
             self.attempted = tf.Variable(0, dtype=tf.int64, trainable=False, name="attempted")
             self.decoded = tf.Variable(0, dtype=tf.int64, trainable=False, name="decoded")
+            # per epoch parity (repeat=True pipelines): [attempted, decoded] x [even, odd]
+            self._by_parity = tf.Variable(
+                tf.zeros([2, 2], tf.int64), trainable=False, name="by_epoch_parity"
+            )
         self._reported = 0
 
     @property
     def dropped(self) -> int:
-        """Images that failed to decode so far."""
+        """Images that failed to decode so far (see the class docstring)."""
         return int(self.attempted.numpy() - self.decoded.numpy())
 
     def summary(self) -> str:
@@ -346,8 +358,13 @@ class DecodeStats:
             f"{self.dropped} dropped as unreadable"
         )
 
+    def _warn(self, new: int, what: str) -> None:
+        logger.warning("detreg_keras.data: %d unreadable image(s) dropped %s.", new, what)
+
     def warn_if_dropped(self) -> int:
         """Logs a warning if images were dropped since the last call.
+
+        Exact only when no image is in flight (no iteration running).
 
         Returns:
             Number of newly dropped images.
@@ -355,20 +372,39 @@ class DecodeStats:
         dropped = self.dropped
         new = dropped - self._reported
         if new > 0:
-            logger.warning(
-                "detreg_keras.data: %d unreadable image(s) dropped since the last report (%s).",
-                new,
-                self.summary(),
-            )
+            self._warn(new, f"since the last report ({self.summary()})")
             self._reported = dropped
         return max(new, 0)
 
-    def _track(self, count: int | tf.Tensor, fn: Callable[[], tf.Tensor]) -> tf.Tensor:
+    def _epoch_started(self, epoch: int, repeat: bool) -> int:
+        """Called by a training pipeline before it plans ``epoch``; returns the drops it reported."""
+        if not repeat:
+            return self.warn_if_dropped() if epoch > 0 else 0
+        parity = epoch % 2
+        new = 0
+        if epoch >= 2:  # epoch - 2 used this parity; every image of it has finished by now
+            attempted, decoded = (int(v) for v in self._by_parity[:, parity].numpy())
+            new = attempted - decoded
+            if new > 0:
+                self._warn(new, f"in epoch {epoch - 2} ({decoded} of {attempted} decoded)")
+                self._reported += new
+        self._by_parity.scatter_nd_update([[0, parity], [1, parity]], tf.zeros([2], tf.int64))
+        return max(new, 0)
+
+    def _track(
+        self, count: int | tf.Tensor, fn: Callable[[], tf.Tensor], epoch: tf.Tensor | None = None
+    ) -> tf.Tensor:
         count = tf.cast(count, tf.int64)
+        slot = None
+        if epoch is not None:
+            slot = tf.one_hot(tf.cast(epoch % 2, tf.int32), 2, dtype=tf.int64) * count
+            self._by_parity.scatter_nd_add([[0]], slot[None])
         self.attempted.assign_add(count)
         out = fn()
         with tf.control_dependencies([out]):
             self.decoded.assign_add(count)
+            if slot is not None:
+                self._by_parity.scatter_nd_add([[1]], slot[None])
             return tf.identity(out)
 
 
@@ -423,38 +459,56 @@ def _read(source: tf.Tensor, in_memory: bool) -> tf.Tensor:
     return source if in_memory else tf.io.read_file(source)
 
 
-#: examples per Python call of the random sampler's generator
-_GENERATOR_CHUNK = 256
+#: sources fetched per Python call of the training and evaluation pipelines
+_SOURCE_CHUNK = 256
 
 
-def _records_generator(
+def _take_sources(records: ImageRecords) -> Callable[[tf.Tensor], tf.Tensor]:
+    """A graph function ``rows -> sources[rows]`` (paths or encoded bytes) via ``numpy_function``.
+
+    The sources stay in Python (never a graph constant: in-memory datasets can
+    exceed protobuf's 2 GB limit when tf.data serialises a pipeline); one call
+    fetches a whole chunk or batch of rows.
+    """
+    sources: list = records.data if records.data is not None else records.paths
+
+    def take(rows: np.ndarray) -> np.ndarray:
+        items = np.empty(rows.shape, dtype=object)
+        items.reshape(-1)[:] = [sources[i] for i in rows.reshape(-1)]
+        return items
+
+    def fetch(rows: tf.Tensor) -> tf.Tensor:
+        out = tf.numpy_function(take, [rows], tf.string, stateful=False, name="take_sources")
+        out.set_shape(rows.shape)
+        return out
+
+    return fetch
+
+
+def _records_source(
     records: ImageRecords,
     sampler: Sampler,
     repeat: bool,
     on_epoch: Callable[[int], None] | None,
-) -> Callable[[], Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
-    sources: list = records.data if records.data is not None else records.paths
-    labels = records.labels
-    state = {"epoch": 0}
+) -> tf.data.Dataset:
+    """``(source, label, seed, epoch)`` per example (random) or per batch row (m-per-class).
 
-    def take(rows: np.ndarray) -> np.ndarray:
-        items = np.empty(len(rows), dtype=object)
-        items[:] = [sources[i] for i in rows]
-        return items
+    The epoch plans come from :func:`~detreg_keras.data.sampling.plan_dataset`
+    (one Python call per epoch), the sources from :func:`_take_sources` (one
+    call per chunk of :data:`_SOURCE_CHUNK` examples or per m-per-class batch).
+    """
+    fetch = _take_sources(records)
+    labels = tf.constant(records.labels, tf.int64)
+    random = isinstance(sampler, RandomSampler)
 
-    def generate() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        for _, indices, seeds in iter_epochs(sampler, repeat, state, on_epoch):
-            if indices.ndim == 1:
-                # an epoch's order: chunks of examples (unbatched in the graph), not one
-                # Python call per image, which capped the pipeline at ~1k images/s/core
-                for start in range(0, len(indices), _GENERATOR_CHUNK):
-                    rows = indices[start : start + _GENERATOR_CHUNK]
-                    yield take(rows), labels[rows], seeds[start : start + _GENERATOR_CHUNK]
-            else:
-                for row, seed_row in zip(indices, seeds):
-                    yield take(row), labels[row], seed_row
+    def rows(epoch: tf.Tensor, indices: tf.Tensor, seeds: tf.Tensor) -> tf.data.Dataset:
+        ds = tf.data.Dataset.from_tensor_slices((indices, seeds))
+        if random:
+            ds = ds.batch(_SOURCE_CHUNK)
+        ds = ds.map(lambda idx, sd: (fetch(idx), tf.gather(labels, idx), sd, tf.fill(tf.shape(idx), epoch)))
+        return ds.unbatch() if random else ds
 
-    return generate
+    return plan_dataset(sampler, repeat, on_epoch).flat_map(rows)
 
 
 def _resolve_batch(
@@ -545,8 +599,7 @@ def make_train_dataset(
         )
 
     def on_epoch(epoch: int) -> None:
-        if epoch > 0:
-            stats.warn_if_dropped()
+        stats._epoch_started(epoch, repeat)
 
     if isinstance(source, tf.data.Dataset) and sampler == "random":
         encoded = source.element_spec[0].dtype == tf.string
@@ -575,29 +628,17 @@ def make_train_dataset(
 
     records = records_from_dataset(source) if isinstance(source, tf.data.Dataset) else source
     in_memory = records.in_memory
+    index_sampler: Sampler = (
+        RandomSampler(len(records), seed=seed)
+        if sampler == "random"
+        else MPerClassSampler(records.labels, p, m, seed=seed)
+    )
+    ds = _records_source(records, index_sampler, repeat, on_epoch)
 
     if sampler == "random":
-        index_sampler: Sampler = RandomSampler(len(records), seed=seed)
-        signature = (
-            tf.TensorSpec([None], tf.string),
-            tf.TensorSpec([None], tf.int64),
-            tf.TensorSpec([None, 2], tf.int64),
-        )
-    else:
-        index_sampler = MPerClassSampler(records.labels, p, m, seed=seed)
-        signature = (
-            tf.TensorSpec([batch_size], tf.string),
-            tf.TensorSpec([batch_size], tf.int64),
-            tf.TensorSpec([batch_size, 2], tf.int64),
-        )
-    generate = _records_generator(records, index_sampler, repeat, on_epoch)
-    ds = tf.data.Dataset.from_generator(generate, output_signature=signature)
 
-    if sampler == "random":
-        ds = ds.unbatch()
-
-        def load_element(src: tf.Tensor, label: tf.Tensor, seed_: tf.Tensor):
-            return stats._track(1, lambda: load_one(_read(src, in_memory), seed_)), label
+        def load_element(src: tf.Tensor, label: tf.Tensor, seed_: tf.Tensor, epoch: tf.Tensor):
+            return stats._track(1, lambda: load_one(_read(src, in_memory), seed_), epoch), label
 
         ds = ds.map(load_element, num_parallel_calls=num_parallel_calls)
         ds = ds.ignore_errors(log_warning=True)
@@ -605,7 +646,7 @@ def make_train_dataset(
     else:
         size = _hw(image_size)
 
-        def load_batch(srcs: tf.Tensor, labels: tf.Tensor, seeds_: tf.Tensor):
+        def load_batch(srcs: tf.Tensor, labels: tf.Tensor, seeds_: tf.Tensor, epochs: tf.Tensor):
             def run() -> tf.Tensor:
                 return tf.map_fn(
                     lambda args: load_one(_read(args[0], in_memory), args[1]),
@@ -614,7 +655,7 @@ def make_train_dataset(
                     parallel_iterations=min(batch_size, 16),
                 )
 
-            return stats._track(batch_size, run), labels
+            return stats._track(batch_size, run, epochs[0]), labels
 
         ds = ds.map(load_batch, num_parallel_calls=num_parallel_calls)
         ds = ds.ignore_errors(log_warning=True)
@@ -670,17 +711,10 @@ def make_eval_dataset(
     else:
         records = source
         in_memory = records.in_memory
-        sources: list = records.data if records.data is not None else records.paths
-        labels = records.labels
-
-        def generate() -> Iterator[tuple[object, np.int64]]:
-            for i in range(len(sources)):
-                yield sources[i], labels[i]
-
-        ds = tf.data.Dataset.from_generator(
-            generate,
-            output_signature=(tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.int64)),
-        )
+        fetch = _take_sources(records)
+        labels = tf.constant(records.labels, tf.int64)
+        rows = tf.data.Dataset.range(len(records)).batch(_SOURCE_CHUNK)
+        ds = rows.map(lambda idx: (fetch(idx), tf.gather(labels, idx))).unbatch()
 
         def load_element(src: tf.Tensor, label: tf.Tensor):
             return stats._track(1, lambda: transform(decode_image(_read(src, in_memory)))), label

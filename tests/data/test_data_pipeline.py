@@ -270,6 +270,47 @@ def test_corrupt_images_are_dropped_not_fatal(caplog):
     assert len(eval_labels) == len(records) - 3 and eval_stats.dropped == 3
 
 
+def test_repeat_pipeline_reports_drops_per_epoch_not_images_in_flight(caplog):
+    """repeat=True: images still being decoded at an epoch boundary are not "dropped"."""
+    records = _records()  # 30 valid images
+    stats = DecodeStats()
+    ds = make_train_dataset(records, 4, 16, repeat=True, stats=stats, seed=3)
+    with caplog.at_level(logging.WARNING, logger="detreg_keras.data.pipeline"):
+        for _ in ds.take(7 * 30 // 4):  # 7 epochs, read without pauses
+            pass
+    assert not [r for r in caplog.records if "dropped" in r.getMessage()]
+
+    truncated = _encode(_rand((64, 64, 3), 9), "JPEG")
+    bad = _records(extra={5: b"not an image", 11: truncated[: len(truncated) // 3]})  # 32 images, 2 bad
+    bad_stats = DecodeStats()
+    bad_ds = make_train_dataset(bad, 6, 16, repeat=True, stats=bad_stats, seed=1)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="detreg_keras.data.pipeline"):
+        for _ in bad_ds.take(4 * 30 // 6):  # 4 epochs of 30 good images: epochs 0-1 settle by epoch 3
+            pass
+    messages = [r.getMessage() for r in caplog.records if "unreadable image(s) dropped" in r.getMessage()]
+    # epoch e is reported when epoch e + 2 is planned (the prefetch may run an epoch ahead)
+    assert 2 <= len(messages) <= 3
+    for epoch, message in enumerate(messages):
+        assert message.startswith("detreg_keras.data: 2 unreadable")
+        assert f"in epoch {epoch} (30 of 32 decoded)" in message
+    assert bad_stats._reported == 2 * len(messages)
+
+
+def test_pipelines_are_not_fed_by_from_generator():
+    """from_generator halved decode throughput per CPU-second (bench/bench_tfdata.py): not used."""
+    records = _records()
+    pipelines = [
+        make_train_dataset(records, 4, 16),
+        make_train_dataset(records, 6, 16, sampler="m_per_class", samples_per_class=2),
+        make_eval_dataset(records, 4, 16, mode="resize"),
+    ]
+    for ds in pipelines:
+        graph = ds._as_serialized_graph(external_state_policy=tf.data.experimental.ExternalStatePolicy.WARN)
+        serialized = graph.numpy()
+        assert b"GeneratorDataset" not in serialized and b"PyFunc" in serialized  # numpy_function sources
+
+
 def test_eval_dataset_keeps_order():
     records = _records()
     ds = make_eval_dataset(records, batch_size=7, image_size=16, resize_size=18)
