@@ -59,7 +59,9 @@ import tensorflow as tf
 from detreg_keras.backbones import build_backbone
 from detreg_keras.data import (
     ImageRecords,
+    RandomSampler,
     carve_validation_classes,
+    index_dataset,
     load_cars196,
     load_cub200,
     load_image_folder,
@@ -437,14 +439,7 @@ def make_array_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, 
     n = len(images)
     if not shuffle:
         return tf.data.Dataset.from_tensor_slices((images_t, labels_t)).batch(batch_size).prefetch(tf.data.AUTOTUNE)
-    state = {"epoch": 0}
-
-    def epoch_order():
-        epoch = state["epoch"]
-        state["epoch"] = epoch + 1
-        yield np.random.default_rng([seed, epoch]).permutation(n)
-
-    order = tf.data.Dataset.from_generator(epoch_order, output_signature=tf.TensorSpec([n], tf.int64)).unbatch()
+    order = index_dataset(RandomSampler(n, seed=seed), with_seeds=False)  # default_rng([seed, e]).permutation(n)
     ds = order.batch(batch_size).map(lambda idx: (tf.gather(images_t, idx), tf.gather(labels_t, idx)))
     ds = ds.apply(tf.data.experimental.assert_cardinality(math.ceil(n / batch_size)))
     return ds.prefetch(tf.data.AUTOTUNE)
