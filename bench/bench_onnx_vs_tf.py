@@ -60,11 +60,11 @@ def main(argv=None) -> int:
     reps = dict(zip(args.batch_sizes, args.reps + [args.reps[-1]] * len(args.batch_sizes)))
     t_start = time.perf_counter()
 
+    import detreg_keras  # noqa: I001, PLC0415  (first: it turns on oneDNN unless TF_ENABLE_ONEDNN_OPTS is set)
     import keras  # noqa: PLC0415
     import onnxruntime as ort  # noqa: PLC0415
     import tensorflow as tf  # noqa: PLC0415
-
-    import detreg_keras  # noqa: PLC0415
+    from tensorflow.python.util import _pywrap_util_port  # noqa: PLC0415
     from detreg_keras import export  # noqa: PLC0415
     from detreg_keras.retrieval import Embedder  # noqa: PLC0415
 
@@ -147,7 +147,8 @@ def main(argv=None) -> int:
             print(f"| {r['batch']} | {name} | {r['median_ms'][name]:.1f} | {ratio} | {paired} | "
                   f"{r['cpu_median_ms'][name]:.0f} | {diff} | {r['load_avg']:.1f} |")
     env = {
-        "python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
+        "python": platform.python_version(), "tensorflow": tf.__version__,
+        "tf_onednn": bool(_pywrap_util_port.IsMklEnabled()), "keras": keras.__version__,
         "onnxruntime": ort.__version__, "cpu_count": os.cpu_count(), "machine": platform.machine(),
         "load_avg_end": os.getloadavg(), "ort_threads": args.threads, "total_s": time.perf_counter() - t_start,
         "onnx_ops": ops,

@@ -11,8 +11,9 @@ Importing the package registers every custom layer and model with Keras, so
 
 from __future__ import annotations
 
-from detreg_keras._backend import ensure_tensorflow_backend
+from detreg_keras._backend import ensure_tensorflow_backend, prefer_onednn
 
+prefer_onednn()  # before TensorFlow's first import (see detreg_keras._backend)
 ensure_tensorflow_backend()
 
 # The imports below register the custom objects with Keras serialization.
