@@ -289,14 +289,10 @@ def index_dataset(
 ) -> tf.data.Dataset:
     """A tf.data dataset of sampler indices (and per-example random seeds).
 
-    One epoch plan at a time (:func:`plan_dataset`), split into elements in
-    the graph: scalars for a :class:`RandomSampler` and ``[P * m]`` index rows
-    for an :class:`MPerClassSampler`.
-
-    With ``repeat=False`` the dataset is one epoch long, and *each new
-    iteration* (e.g. each Keras epoch) moves on to the next epoch's plan; with
-    ``repeat=True`` it runs through epochs ``0, 1, 2, ...`` forever. A new
-    dataset always starts at epoch 0, so runs are reproducible from ``seed``.
+    One epoch plan at a time (:func:`plan_dataset`, whose epoch semantics it
+    keeps), split into elements in the graph: scalars for a
+    :class:`RandomSampler` and ``[P * m]`` index rows for an
+    :class:`MPerClassSampler`.
 
     Args:
         sampler: the index sampler.
