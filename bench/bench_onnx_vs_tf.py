@@ -64,7 +64,6 @@ def main(argv=None) -> int:
     import keras  # noqa: PLC0415
     import onnxruntime as ort  # noqa: PLC0415
     import tensorflow as tf  # noqa: PLC0415
-    from tensorflow.python.util import _pywrap_util_port  # noqa: PLC0415
     from detreg_keras import export  # noqa: PLC0415
     from detreg_keras.retrieval import Embedder  # noqa: PLC0415
 
@@ -148,7 +147,7 @@ def main(argv=None) -> int:
                   f"{r['cpu_median_ms'][name]:.0f} | {diff} | {r['load_avg']:.1f} |")
     env = {
         "python": platform.python_version(), "tensorflow": tf.__version__,
-        "tf_onednn": bool(_pywrap_util_port.IsMklEnabled()), "keras": keras.__version__,
+        "tf_onednn": detreg_keras._backend.onednn_enabled(), "keras": keras.__version__,
         "onnxruntime": ort.__version__, "cpu_count": os.cpu_count(), "machine": platform.machine(),
         "load_avg_end": os.getloadavg(), "ort_threads": args.threads, "total_s": time.perf_counter() - t_start,
         "onnx_ops": ops,

@@ -474,14 +474,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     import detreg_keras  # noqa: F401, I001, PLC0415  (first: it turns on oneDNN unless TF_ENABLE_ONEDNN_OPTS is set)
     import keras  # noqa: PLC0415
     import tensorflow as tf  # noqa: PLC0415
-    from tensorflow.python.util import _pywrap_util_port  # noqa: PLC0415
 
     probes = make_matmul_probes(args.matmul_size) if args.matmul_size > 0 else {}
     results = [bench_setting(name, args, probes) for name in args.settings]
     print_tables(results, args)
     env = {
         "python": platform.python_version(), "tensorflow": tf.__version__,
-        "tf_onednn": bool(_pywrap_util_port.IsMklEnabled()), "keras": keras.__version__,
+        "tf_onednn": detreg_keras._backend.onednn_enabled(), "keras": keras.__version__,
         "numpy": np.__version__, "cpu_count": os.cpu_count(), "machine": platform.machine(),
         "processor": platform.processor(),
         "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),

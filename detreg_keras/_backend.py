@@ -32,6 +32,13 @@ def prefer_onednn() -> bool:
     return True
 
 
+def onednn_enabled() -> bool:
+    """Whether the loaded TensorFlow runs its oneDNN CPU kernels."""
+    from tensorflow.python.util import _pywrap_util_port  # noqa: PLC0415
+
+    return bool(_pywrap_util_port.IsMklEnabled())
+
+
 def ensure_tensorflow_backend() -> None:
     """Select the TensorFlow backend, or raise if Keras already uses another.
 

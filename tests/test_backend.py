@@ -13,8 +13,7 @@ _PROBE = """
 import json, os, sys
 {before}
 import detreg_keras
-from tensorflow.python.util import _pywrap_util_port as port
-print(json.dumps({{"env": os.environ.get("TF_ENABLE_ONEDNN_OPTS"), "onednn": bool(port.IsMklEnabled()),
+print(json.dumps({{"env": os.environ.get("TF_ENABLE_ONEDNN_OPTS"), "onednn": detreg_keras._backend.onednn_enabled(),
                   "backend": __import__("keras").backend.backend()}}))
 """
 

@@ -635,10 +635,14 @@ def make_train_dataset(
     )
     ds = _records_source(records, index_sampler, repeat, on_epoch)
 
+    def track_epoch(epoch: tf.Tensor) -> tf.Tensor | None:
+        # per-epoch-parity counts are only read with repeat=True (DecodeStats._epoch_started)
+        return epoch if repeat else None
+
     if sampler == "random":
 
         def load_element(src: tf.Tensor, label: tf.Tensor, seed_: tf.Tensor, epoch: tf.Tensor):
-            return stats._track(1, lambda: load_one(_read(src, in_memory), seed_), epoch), label
+            return stats._track(1, lambda: load_one(_read(src, in_memory), seed_), track_epoch(epoch)), label
 
         ds = ds.map(load_element, num_parallel_calls=num_parallel_calls)
         ds = ds.ignore_errors(log_warning=True)
@@ -655,7 +659,7 @@ def make_train_dataset(
                     parallel_iterations=min(batch_size, 16),
                 )
 
-            return stats._track(batch_size, run, epochs[0]), labels
+            return stats._track(batch_size, run, track_epoch(epochs[0])), labels
 
         ds = ds.map(load_batch, num_parallel_calls=num_parallel_calls)
         ds = ds.ignore_errors(log_warning=True)

@@ -205,7 +205,7 @@ def iter_epochs(
     state: dict[str, int],
     on_epoch: Callable[[int], None] | None = None,
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """Yields ``(epoch, indices, seeds)`` plans (for Python-side consumers).
+    """Yields ``(epoch, indices, seeds)`` plans (:func:`plan_dataset` draws one per epoch).
 
     Args:
         sampler: the index sampler.
@@ -257,15 +257,11 @@ def plan_dataset(
     """
     import tensorflow as tf  # noqa: PLC0415
 
-    state = {"epoch": 0}
+    plans = iter_epochs(sampler, True, {"epoch": 0}, on_epoch)  # one next() per epoch element
 
     def next_plan(_: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        epoch = state["epoch"]
-        state["epoch"] = epoch + 1
-        if on_epoch is not None:
-            on_epoch(epoch)
-        indices = sampler.epoch_indices(epoch).astype(np.int64)
-        return np.int64(epoch), indices, epoch_seeds(sampler, epoch, indices.shape)
+        epoch, indices, seeds = next(plans)
+        return np.int64(epoch), indices.astype(np.int64), seeds
 
     row = [None] if isinstance(sampler, RandomSampler) else [None, sampler.batch_size]
 
