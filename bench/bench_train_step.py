@@ -471,7 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t_start = time.perf_counter()
     load_start = os.getloadavg()
 
-    import detreg_keras  # noqa: F401, I001, PLC0415  (first: it turns on oneDNN unless TF_ENABLE_ONEDNN_OPTS is set)
+    import detreg_keras  # noqa: I001, PLC0415  (first: it turns on oneDNN unless TF_ENABLE_ONEDNN_OPTS is set)
     import keras  # noqa: PLC0415
     import tensorflow as tf  # noqa: PLC0415
 
