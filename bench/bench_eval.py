@@ -28,8 +28,8 @@ Measured in one process, one after the other, on the same data:
    and orders exact ties its own way); exit status 1 otherwise.
 
 For each: seconds, GFLOP/s = 2 * N^2 * d / seconds, % of the measured peak,
-% of ``--nominal-gflops`` (78 by default: 2 cores x 2.45 GHz x 16 float32
-FLOP/cycle; a CPU with two 256-bit FMA pipes per core does 32), CPU time /
+% of ``--nominal-gflops`` when given (cores x clock x float32 FLOP/cycle of
+the FMA units: it depends on the CPU, so there is no default), CPU time /
 wall time, and the peak resident memory of the phase (``VmHWM``, reset before
 each phase) above the memory held when it started. A markdown summary ends the
 output; ``--json`` writes everything.
@@ -102,7 +102,8 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def phase(name: str, fn, reps: int, flop: float, peak_gflops: float | None, nominal: float) -> tuple[dict, object]:
+def phase(name: str, fn, reps: int, flop: float, peak_gflops: float | None,
+          nominal: float | None) -> tuple[dict, object]:
     """Runs ``fn`` ``reps`` times; best wall time, CPU use, and the phase's peak RSS."""
     rss_before = _status_kib("VmRSS")
     reset = _reset_peak_rss()
@@ -120,7 +121,7 @@ def phase(name: str, fn, reps: int, flop: float, peak_gflops: float | None, nomi
         "seconds": best,
         "gflops": gflops,
         "pct_measured_peak": None if peak_gflops is None else 100 * gflops / peak_gflops,
-        "pct_nominal_peak": 100 * gflops / nominal,
+        "pct_nominal_peak": None if nominal is None else 100 * gflops / nominal,
         "cpu_per_wall": cpu_ratio,
         "rss_before_mib": None if rss_before is None else rss_before / 1024,
         "peak_rss_mib": None if hwm is None or not reset else hwm / 1024,
@@ -130,7 +131,7 @@ def phase(name: str, fn, reps: int, flop: float, peak_gflops: float | None, nomi
     return row, out
 
 
-def gemm_peak(name: str, size: int, reps: int, nominal: float, warmup_s: float) -> dict:
+def gemm_peak(name: str, size: int, reps: int, nominal: float | None, warmup_s: float) -> dict:
     """float32 ``numpy.matmul`` of two ``size`` x ``size`` matrices, best of ``reps``.
 
     Runs it for ``warmup_s`` seconds first (BLAS threads, pages, and CPUs that
@@ -148,18 +149,6 @@ def gemm_peak(name: str, size: int, reps: int, nominal: float, warmup_s: float) 
     return row
 
 
-def cpu_model() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:  # pragma: no cover
-        return platform.processor()
-    fields = {}
-    for key in ("model name", "cpu family", "model", "cpu MHz"):
-        m = re.search(rf"^{key}\s*:\s*(.+)$", text, re.M)
-        fields[key] = m.group(1).strip() if m else "?"
-    return f"{fields['model name']} (family {fields['cpu family']}, model {fields['model']}, {fields['cpu MHz']} MHz)"
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=60_502, help="number of embeddings (SOP test split: 60,502)")
@@ -175,7 +164,8 @@ def parse_args(argv=None):
     p.add_argument("--peak-size", type=int, default=4096)
     p.add_argument("--peak-reps", type=int, default=5)
     p.add_argument("--warmup-s", type=float, default=2.0, help="GEMM warm-up before the first peak measurement")
-    p.add_argument("--nominal-gflops", type=float, default=78.0)
+    p.add_argument("--nominal-gflops", type=float, default=None,
+                   help="nominal fp32 peak of this CPU (optional; the measured GEMM peak is always the reference)")
     p.add_argument("--gemm-only", action="store_true", help="also time the exact path's block GEMMs alone")
     p.add_argument("--faiss", action="store_true", help="also run the faiss kNN path (k = max(ks)) and compare")
     p.add_argument("--tie-tol", type=float, default=1e-5,
@@ -187,6 +177,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from detreg_keras import metrics as M  # noqa: PLC0415
+    from detreg_keras.cpu import cpu_info, describe  # noqa: PLC0415
 
     t_start = time.perf_counter()
     load_start = os.getloadavg()
@@ -201,7 +192,7 @@ def main(argv=None) -> int:
     sizes = np.bincount(y)
     print(f"data: {n} x {d}, {len(sizes)} classes of {sizes.min()}-{sizes.max()} (mean {sizes.mean():.2f}), "
           f"ks={ks}, 2*N^2*d = {flop:.3e} FLOP", flush=True)
-    print(f"cpu: {cpu_model()}, {os.cpu_count()} CPUs, load avg {load_start}", flush=True)
+    print(f"cpu: {describe()}, load avg {load_start}", flush=True)
     print(f"exact path: {rows} query rows per block = {rows * n * 4 / 2**20:.1f} MiB "
           f"(bound {args.max_block_mib:g} MiB), {-(-n // rows)} blocks", flush=True)
 
@@ -210,8 +201,9 @@ def main(argv=None) -> int:
     def report(row):
         results.append(row)
         pct = "" if row["pct_measured_peak"] is None else f"{row['pct_measured_peak']:5.1f}% of measured peak, "
-        print(f"{row['phase']:10s} {row['seconds']:8.3f} s | {row['gflops']:6.1f} GFLOP/s | {pct}"
-              f"{row['pct_nominal_peak']:5.1f}% of {args.nominal_gflops:g} nominal | "
+        nominal = ("" if row["pct_nominal_peak"] is None
+                   else f"{row['pct_nominal_peak']:5.1f}% of {args.nominal_gflops:g} nominal | ")
+        print(f"{row['phase']:10s} {row['seconds']:8.3f} s | {row['gflops']:6.1f} GFLOP/s | {pct}{nominal}"
               f"cpu/wall {row['cpu_per_wall']:.2f} | peak RSS +{row['peak_rss_above_before_mib'] or 0:.0f} MiB",
               flush=True)
 
@@ -298,20 +290,22 @@ def main(argv=None) -> int:
     peak = max(peak, end_row["gflops"])
     for row in results:
         row["pct_measured_peak"] = 100 * row["gflops"] / peak
-    if peak > args.nominal_gflops:
+    if args.nominal_gflops is not None and peak > args.nominal_gflops:
         print(f"note: the measured peak exceeds --nominal-gflops {args.nominal_gflops:g}; "
               "that figure is too low for this CPU", flush=True)
-    print(f"\n| phase | seconds | GFLOP/s | % of measured peak ({peak:.1f}) | % of nominal ({args.nominal_gflops:g}) "
-          "| CPU/wall | peak RSS above start of phase (MiB) |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    nominal_col = "" if args.nominal_gflops is None else f" % of nominal ({args.nominal_gflops:g}) |"
+    print(f"\n| phase | seconds | GFLOP/s | % of measured peak ({peak:.1f}) |{nominal_col}"
+          " CPU/wall | peak RSS above start of phase (MiB) |")
+    print("|---|---:|---:|---:|" + ("" if args.nominal_gflops is None else "---:|") + "---:|---:|")
     for row in results:
-        print(f"| {row['phase']} | {row['seconds']:.2f} | {row['gflops']:.1f} | {row['pct_measured_peak']:.1f} | "
-              f"{row['pct_nominal_peak']:.1f} | {row['cpu_per_wall']:.2f} | "
+        nominal = "" if row["pct_nominal_peak"] is None else f" {row['pct_nominal_peak']:.1f} |"
+        print(f"| {row['phase']} | {row['seconds']:.2f} | {row['gflops']:.1f} | {row['pct_measured_peak']:.1f} |"
+              f"{nominal} {row['cpu_per_wall']:.2f} | "
               f"{row['peak_rss_above_before_mib'] or 0:.0f} |")
 
     env = {
         "peak_gflops": peak,
-        "python": platform.python_version(), "numpy": np.__version__, "cpu": cpu_model(),
+        "python": platform.python_version(), "numpy": np.__version__, "cpu": cpu_info(),
         "cpu_count": os.cpu_count(), "load_avg_start": load_start, "load_avg_end": os.getloadavg(),
         "total_s": time.perf_counter() - t_start,
     }

@@ -63,6 +63,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import faiss  # noqa: PLC0415
 
+    from detreg_keras.cpu import cpu_info  # noqa: PLC0415
     from detreg_keras.retrieval import EmbeddingIndex, recall_against_exact  # noqa: PLC0415
 
     if args.threads:
@@ -117,7 +118,7 @@ def main(argv=None) -> int:
         params = ", ".join(f"{k}={v}" for k, v in r["params"].items()) or "-"
         print(f"| {r['kind']} | {params} | {r['build_s']:.2f} | {args.n / r['build_s']:,.0f} | "
               f"{args.queries / r['search_s']:,.0f} | {r['recall']:.3f} |")
-    env = {"python": platform.python_version(), "faiss": faiss.__version__, "cpu_count": os.cpu_count(),
+    env = {"python": platform.python_version(), "faiss": faiss.__version__, "cpu_count": os.cpu_count(), "cpu": cpu_info(),
            "threads": faiss.omp_get_max_threads(), "load_avg_end": os.getloadavg(),
            "total_s": time.perf_counter() - t_start}
     print(f"\nenv: {json.dumps(env)}")

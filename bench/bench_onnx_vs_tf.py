@@ -65,8 +65,10 @@ def main(argv=None) -> int:
     import onnxruntime as ort  # noqa: PLC0415
     import tensorflow as tf  # noqa: PLC0415
     from detreg_keras import export  # noqa: PLC0415
+    from detreg_keras.cpu import cpu_info, describe  # noqa: PLC0415
     from detreg_keras.retrieval import Embedder  # noqa: PLC0415
 
+    print(f"cpu: {describe()}; TensorFlow oneDNN: {detreg_keras._backend.onednn_enabled()}", flush=True)
     keras.utils.set_random_seed(0)
     size = args.image_size
     model = detreg_keras.DRegModel(
@@ -148,7 +150,7 @@ def main(argv=None) -> int:
     env = {
         "python": platform.python_version(), "tensorflow": tf.__version__,
         "tf_onednn": detreg_keras._backend.onednn_enabled(), "keras": keras.__version__,
-        "onnxruntime": ort.__version__, "cpu_count": os.cpu_count(), "machine": platform.machine(),
+        "onnxruntime": ort.__version__, "cpu_count": os.cpu_count(), "machine": platform.machine(), "cpu": cpu_info(),
         "load_avg_end": os.getloadavg(), "ort_threads": args.threads, "total_s": time.perf_counter() - t_start,
         "onnx_ops": ops,
     }

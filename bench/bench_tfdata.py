@@ -507,6 +507,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import tensorflow as tf  # noqa: PLC0415
 
+    from detreg_keras.cpu import cpu_info  # noqa: PLC0415
     from detreg_keras.data import load_image_folder  # noqa: PLC0415
 
     # Every timed sample abandons its iterator with images in flight, which a later epoch start of the
@@ -589,7 +590,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{'yes' if r['meets_target'] else 'NO'} | {load_med:.1f} |")
     env = {
         "python": platform.python_version(), "tensorflow": tf.__version__, "numpy": np.__version__,
-        "cpu_count": os.cpu_count(), "machine": platform.machine(), "load_avg_start": load_start,
+        "cpu_count": os.cpu_count(), "machine": platform.machine(), "cpu": cpu_info(), "load_avg_start": load_start,
         "load_avg_end": os.getloadavg(), "load_avg_median": load_med, "total_s": time.perf_counter() - t_start,
         "data": data_info, "argv": list(sys.argv[1:] if argv is None else argv),
     }

@@ -49,10 +49,12 @@ gradients) with ResNet-50 v1 at 224 = 3.8 G multiply-adds = 7.6 GFLOP per image
 (He et al. 2016; the 4.1 G often quoted is torchvision's v1.5, which moves the
 stride into the 3x3 conv; Keras Applications' ResNet50 is v1), and against the
 profiler's count of the forward ``embed_features`` graph. FLOPs / median step time
-is compared with the nominal float32 matmul peak of the machine (``--nominal-peak``,
-78 GFLOP/s) and with a float32 matmul peak measured in every round of the same run
+is compared with a float32 matmul peak measured in every round of the same run
 (``tf.linalg.matmul`` of two ``--matmul-size`` squares in a ``tf.function``, and
-numpy's ``matmul``).
+numpy's ``matmul``) and, when given, with a nominal peak (``--nominal-peak``: it
+depends on the CPU's cores, clock and FMA width, so there is no default). The CPU
+(model, family, vector-ISA flags, ``detreg_keras.cpu.cpu_info``) and whether
+TensorFlow runs oneDNN go into the printed ``env`` line and the JSON.
 
 Duration on the project's 2-core VM: about 5 min for ``resnet50`` (traces of about
 45 s and 25 s, about 30 s of FLOP-count traces, 5 rounds of two ~7 s steps and two
@@ -108,7 +110,6 @@ SETTINGS: dict[str, dict[str, Any]] = {
     },
 }
 CONTENDERS = ("dreg", "plain")
-NOMINAL_PEAK_GFLOPS = 78.0
 SAMPLES_PER_CLASS = 4
 NUM_CLASSES = 100  # CUB-200's training classes
 
@@ -130,7 +131,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-couplings", type=int, default=12, help="couplings per flow head (paper: 12)")
     p.add_argument("--cnn-widths", type=int, nargs="+", default=None, help="small_cnn conv widths")
     p.add_argument("--matmul-size", type=int, default=4096, help="side of the matmul peak probe; 0: no probe")
-    p.add_argument("--nominal-peak", type=float, default=NOMINAL_PEAK_GFLOPS, help="nominal fp32 peak, GFLOP/s")
+    p.add_argument("--nominal-peak", type=float, default=None,
+                   help="nominal fp32 peak of this CPU, GFLOP/s (optional: it depends on the CPU; the measured "
+                        "matmul peak is always reported)")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count (saves one trace per contender)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the results as JSON")
@@ -416,7 +419,7 @@ def flop_efficiency(row: dict[str, Any], setting: dict[str, Any], args: argparse
                 None if setting["analytic_forward_gflop"] is None else 3 * setting["analytic_forward_gflop"] * batch
             ),
             "achieved_gflops": gflops,
-            "pct_of_nominal_peak": 100 * gflops / args.nominal_peak,
+            "pct_of_nominal_peak": None if args.nominal_peak is None else 100 * gflops / args.nominal_peak,
         }
         for probe, peak in row.get("matmul_peak_gflops", {}).items():
             entry[f"pct_of_{probe}_median"] = 100 * gflops / peak["median"]
@@ -447,16 +450,17 @@ def print_tables(results: list[dict[str, Any]], args: argparse.Namespace) -> Non
         return
     probes = sorted(eff[0].get("matmul_peak_gflops", {}))
     print("\n| setting | contender | GFLOP/step (profiler) | GFLOP/step (3x analytic fwd) | fwd GFLOP/img (profiler) | "
-          f"achieved GFLOP/s | % of nominal {args.nominal_peak:g} GFLOP/s | "
+          "achieved GFLOP/s | "
+          + ("" if args.nominal_peak is None else f"% of nominal {args.nominal_peak:g} GFLOP/s | ")
           + " | ".join(f"% of {p} (median)" for p in probes) + " |")
-    print("|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(probes))
+    print("|---|---|---:|---:|---:|---:|" + ("" if args.nominal_peak is None else "---:|") + "---:|" * len(probes))
     for r in eff:
         for c in CONTENDERS:
             e = r["flop_efficiency"][c]
             analytic = "-" if e["analytic_train_step_gflop"] is None else f"{e['analytic_train_step_gflop']:.1f}"
             print(f"| {r['setting']}@{r['image_size']} b{r['batch_size']} | {c} | {e['train_step_gflop']:.1f} | "
                   f"{analytic} | {e['forward_gflop_per_image']:.2f} | {e['achieved_gflops']:.1f} | "
-                  f"{e['pct_of_nominal_peak']:.0f}% | "
+                  + ("" if e["pct_of_nominal_peak"] is None else f"{e['pct_of_nominal_peak']:.0f}% | ")
                   + " | ".join(f"{e[f'pct_of_{p}_median']:.0f}%" for p in probes) + " |")
     for r in eff:
         if "matmul_peak_gflops" in r:
@@ -474,7 +478,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     import detreg_keras  # noqa: I001, PLC0415  (first: it turns on oneDNN unless TF_ENABLE_ONEDNN_OPTS is set)
     import keras  # noqa: PLC0415
     import tensorflow as tf  # noqa: PLC0415
+    from detreg_keras.cpu import cpu_info, describe  # noqa: PLC0415
 
+    print(f"cpu: {describe()}; TensorFlow oneDNN: {detreg_keras._backend.onednn_enabled()}", flush=True)
     probes = make_matmul_probes(args.matmul_size) if args.matmul_size > 0 else {}
     results = [bench_setting(name, args, probes) for name in args.settings]
     print_tables(results, args)
@@ -482,7 +488,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "python": platform.python_version(), "tensorflow": tf.__version__,
         "tf_onednn": detreg_keras._backend.onednn_enabled(), "keras": keras.__version__,
         "numpy": np.__version__, "cpu_count": os.cpu_count(), "machine": platform.machine(),
-        "processor": platform.processor(),
+        "processor": platform.processor(), "cpu": cpu_info(),
         "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
         "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
         "load_avg_start": load_start, "load_avg_end": os.getloadavg(),

@@ -5,10 +5,15 @@ and fails with a clear message when another backend has been forced, because the
 flow heads are built from ``tensorflow_probability`` bijectors.
 
 It also turns on TensorFlow's oneDNN CPU kernels (``TF_ENABLE_ONEDNN_OPTS=1``)
-when TensorFlow has not been imported yet and the variable is unset: TF's x86
-build leaves them off on CPUs without AVX-512 (e.g. AMD Zen 3), where they made
-ResNet50@224 train steps 1.33x and small-CNN steps 1.24x faster (BENCHMARKS.md).
-Set ``TF_ENABLE_ONEDNN_OPTS=0`` to keep TensorFlow's Eigen kernels.
+when TensorFlow has not been imported yet and the variable is unset. Whether that
+changes anything depends on the CPU (:mod:`detreg_keras.cpu`): TF's Linux x86
+build already turns oneDNN on by default on CPUs with AVX512_VNNI, AVX512_BF16,
+AVX_VNNI or AMX (e.g. AMD Zen 4/5, Intel Ice Lake and later) and leaves it off on
+the others (e.g. AMD Zen 3, Intel Skylake-X), where it made ResNet50@224 train
+steps 1.33x and small-CNN steps 1.24x faster (Zen 3, BENCHMARKS.md). The package
+never overrides a ``TF_ENABLE_ONEDNN_OPTS`` the user set, and never touches it
+once TensorFlow is imported (then TF's own default stays, whatever it is on that
+CPU). Set ``TF_ENABLE_ONEDNN_OPTS=0`` to keep TensorFlow's Eigen kernels.
 """
 
 from __future__ import annotations

@@ -34,6 +34,8 @@ def _load_bench(name: str):
 
 bench_train_step = _load_bench("bench_train_step")
 bench_tfdata = _load_bench("bench_tfdata")
+bench_eval = _load_bench("bench_eval")
+bench_index = _load_bench("bench_index")
 
 
 def _positive_finite(value) -> bool:
@@ -74,7 +76,16 @@ def _check_train_step_results(data: dict, flops: bool) -> dict:
         assert _positive_finite(row["matmul_peak_gflops"][probe]["median"])
     assert ("flop_efficiency" in row) == flops
     assert data["env"]["cpu_count"] >= 1 and len(data["env"]["load_avg_end"]) == 3
+    _check_cpu_recorded(data["env"])
     return row
+
+
+def _check_cpu_recorded(env: dict) -> None:
+    """Every bench names the CPU its figures came from (model, family, vector-ISA flags)."""
+    from detreg_keras.cpu import cpu_info
+
+    assert env["cpu"] == cpu_info()
+    assert isinstance(env["cpu"]["flags"], list) and env["cpu"]["logical_cpus"] >= 1
 
 
 def test_train_step_bench_smoke(tmp_path, capsys):
@@ -88,7 +99,7 @@ def test_train_step_bench_smoke(tmp_path, capsys):
 @pytest.mark.slow
 def test_train_step_bench_with_flops(tmp_path):
     out = tmp_path / "train_step.json"
-    assert bench_train_step.main([*TINY_TRAIN_STEP, "--json", str(out)]) == 0
+    assert bench_train_step.main([*TINY_TRAIN_STEP, "--nominal-peak", "100", "--json", str(out)]) == 0
     row = _check_train_step_results(json.loads(out.read_text()), flops=True)
     eff = row["flop_efficiency"]
     for contender in ("dreg", "plain"):
@@ -97,7 +108,7 @@ def test_train_step_bench_with_flops(tmp_path):
         assert 2.0 < flops["train_over_forward"] < 4.0
         assert flops["by_op"]["Conv2D"] > 0 and flops["by_op"]["Conv2DBackpropFilter"] > 0
         assert _positive_finite(eff[contender]["achieved_gflops"])
-        assert _positive_finite(eff[contender]["pct_of_nominal_peak"])
+        assert eff[contender]["pct_of_nominal_peak"] == pytest.approx(eff[contender]["achieved_gflops"])  # of 100
         assert _positive_finite(eff[contender]["pct_of_matmul_tf_median"])
     assert eff["flop_ratio_dreg_over_plain"] > 1.0
 
@@ -158,7 +169,36 @@ def test_tfdata_bench_smoke(tmp_path, capsys):
     assert rows["alt_aa_downscale_only"]["max_abs_diff_vs_library"] < 1e-2
     assert rows["alt_no_antialias"]["max_abs_diff_vs_library"] > 1e-2
     assert data["env"]["data"]["written"] == 16 and 15 < data["env"]["data"]["kb_mean"] < 90
+    _check_cpu_recorded(data["env"])
     assert len(list((tmp_path / "jpegs").glob("*/*.jpg"))) == 16
     printed = capsys.readouterr().out
     assert "| 1 | library |" in printed and "img/s per core" in printed
     assert logging.getLogger("detreg_keras.data.pipeline").level == level  # restored
+
+
+# ----------------------------------------------------------------------------- eval / index
+
+
+def test_eval_bench_smoke_names_the_cpu_and_needs_no_nominal_peak(tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    argv = ["--n", "3000", "--dim", "32", "--ks", "1", "4", "--peak-size", "256", "--peak-reps", "1",
+            "--warmup-s", "0", "--json", str(out)]  # fmt: skip
+    assert bench_eval.main(argv) == 0
+    data = json.loads(out.read_text())
+    _check_cpu_recorded(data["env"])
+    assert data["args"]["nominal_gflops"] is None
+    assert all(r["pct_nominal_peak"] is None and _positive_finite(r["pct_measured_peak"]) for r in data["rows"])
+    printed = capsys.readouterr().out
+    assert "cpu: " in printed and "nominal" not in printed.split("| phase |", 1)[1].splitlines()[0]
+    # with a nominal peak given, its share is reported against it
+    assert bench_eval.main([*argv[:-2], "--nominal-gflops", "50", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert all(r["pct_nominal_peak"] == pytest.approx(2 * r["gflops"]) for r in rows)
+
+
+def test_index_bench_smoke_names_the_cpu(tmp_path):
+    out = tmp_path / "index.json"
+    argv = ["--n", "2000", "--dim", "16", "--clusters", "20", "--queries", "50", "--nprobes", "4",
+            "--ef-searches", "32", "--json", str(out)]  # fmt: skip
+    assert bench_index.main(argv) == 0
+    _check_cpu_recorded(json.loads(out.read_text())["env"])
