@@ -1,38 +1,46 @@
-"""Normalizing-flow metric heads with a tractable, per-coupling Jacobian diagonal.
+"""Normalizing-flow metric heads built on ``tfp.bijectors``, with a per-coupling Jacobian diagonal.
 
 Paper Sec. 4 ("Deep metric layer"): the metric layer is an invertible map
 ``g: R^D -> R^D`` made of coupling layers, whose Jacobian is triangular, so that
 
     det(Dg) = Π_t ∂y_t/∂x_t                                           (Eq. 9)
 
-Two coupling types are provided, stacked ``num_couplings`` times (12 in the
-paper) with a fixed, seeded random permutation between consecutive couplings:
+Every head's forward pass (training, ``call``/``predict`` and the exported
+graph) is a ``tfp.bijectors`` chain, in forward order:
 
-* **Real-NVP** affine coupling (Dinh et al. 2016), :class:`AffineCoupling`::
+* **Real-NVP** (:class:`RealNVPFlow`): ``num_couplings`` ``tfb.RealNVP`` affine
+  couplings (Dinh et al. 2016) with a ``tfb.Permute`` between consecutive ones::
 
       y_{1:m} = x_{1:m}
       y_{m+1:D} = x_{m+1:D} ⊙ exp(s(x_{1:m})) + t(x_{1:m})
 
-  with Jacobian diagonal ``(1,…,1, exp(s))``, so ``log|det J| = Σ s``. The
-  log-scale is bounded, ``s = b·tanh(ŝ / b)``, for stability.
-* **NICE** additive coupling (Dinh et al. 2014), :class:`AdditiveCoupling`:
-  ``s ≡ 0`` (volume preserving), followed by one learned diagonal scale
-  :class:`DiagonalScale`, ``y = x ⊙ exp(σ)``; without it the determinant of a
-  NICE head would be constant and the regulariser could not act on it.
+  The shift-and-log-scale function of each ``tfb.RealNVP`` is the coupling's
+  Keras network (:class:`CouplingNetwork`); the log-scale is bounded,
+  ``s = b·tanh(ŝ / b)``. Jacobian diagonal ``(1,…,1, exp(s))``.
+* **NICE** (:class:`NICEFlow`): the same chain with shift-only couplings
+  (``tfb.RealNVP`` whose function returns no log-scale: volume preserving,
+  Dinh et al. 2014), followed by a learned diagonal scale ``tfb.Scale``
+  (:class:`DiagonalScale`, ``y = x ⊙ exp(σ)``); without it the determinant of
+  a NICE head would be constant and the regulariser could not act on it.
 
-Every flow layer returns, besides its output, the per-sample log-diagonal of
-each coupling's Jacobian, ``log|J_tt|`` of shape ``[B, K, D]`` (``K`` diagonal
-blocks), which is all the regularizer of Eq. 6/7/10 needs.
+The regulariser (:mod:`detreg_keras.regularizers`) needs, per sample, the
+log-diagonal ``log|J_tt|`` of each triangular block, shape ``[B, K, D]``. It is
+taken from the *same* evaluation of the coupling networks that the bijector
+uses: the shift-and-log-scale function handed to ``tfb.RealNVP`` records the
+log-scale it returns (one network evaluation per coupling and forward pass).
+A fresh chain is built at every call, so that no TFP bijector cache outlives a
+``tf.function`` graph; the Keras networks are built in ``build()``, before any
+bijector wraps them.
 
-The forward pass evaluates each coupling network once. The same transform is
-exposed as a ``tfp.bijectors`` chain (:meth:`FlowHead.bijector`: ``tfb.RealNVP``
-couplings built on the *same* Keras networks, ``tfb.Permute`` between them,
-``tfb.Scale`` for NICE) for the inverse, log-probabilities and cross-checks;
-the tests assert both paths agree.
+The weights and their names are those of the hand-written Keras flows of
+layout version 1, so ``.keras`` files saved before the move to tfp
+(:data:`LAYOUT_VERSION` 2) load unchanged; a file from a newer layout fails
+with a message naming its version (:func:`check_layout_version`).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import keras
@@ -43,6 +51,34 @@ import tensorflow_probability as tfp
 tfb = tfp.bijectors
 
 _PACKAGE = "detreg_keras"
+
+#: Version of the flow layout written into ``get_config`` (``layout_version``).
+#: 1: hand-written Keras forward pass (detreg_keras 0.1.0 before issue 13);
+#: 2: the forward pass runs through ``tfp.bijectors`` (same weights as 1).
+LAYOUT_VERSION = 2
+READABLE_LAYOUTS = (1, 2)
+
+
+def check_layout_version(version: int | None, what: str) -> int:
+    """Validate the ``layout_version`` of a saved config; ``None`` means 1 (written before versioning).
+
+    Args:
+        version: the saved value, or ``None`` when the key is absent.
+        what: the object being loaded, for the message.
+
+    Returns:
+        The layout version as an int.
+
+    Raises:
+        ValueError: the layout is not one this version of detreg_keras reads.
+    """
+    version = 1 if version is None else int(version)
+    if version not in READABLE_LAYOUTS:
+        raise ValueError(
+            f"{what} was saved with flow layout version {version} (written by a newer detreg_keras); "
+            f"this detreg_keras reads flow layout versions {list(READABLE_LAYOUTS)}. Upgrade detreg_keras to load it."
+        )
+    return version
 
 
 def bounded_log_scale(raw: tf.Tensor, bound: float) -> tf.Tensor:
@@ -55,9 +91,25 @@ def bounded_log_scale(raw: tf.Tensor, bound: float) -> tf.Tensor:
     return bound * tf.math.tanh(raw / bound)
 
 
+def _check_bound(log_scale_bound: float) -> float:
+    bound = float(log_scale_bound)
+    if not (math.isfinite(bound) and bound > 0):
+        raise ValueError(f"log_scale_bound must be a finite number > 0, got {log_scale_bound}.")
+    return bound
+
+
+def _check_hidden_units(hidden_units: Sequence[int] | int) -> tuple[int, ...]:
+    if isinstance(hidden_units, int):
+        hidden_units = (hidden_units,)
+    units = tuple(int(h) for h in hidden_units)
+    if any(h < 1 for h in units):
+        raise ValueError(f"hidden_units must all be >= 1, got {list(units)}.")
+    return units
+
+
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class CouplingNetwork(keras.layers.Layer):
-    """MLP ``x_{1:m} -> (shift, raw_log_scale)`` used inside a coupling layer.
+    """MLP ``x_{1:m} -> (shift, raw_log_scale)``: the shift-and-log-scale network of a coupling.
 
     Hidden layers are Dense with ``activation``; the output layer is initialised
     to zeros so that every coupling starts as the identity map.
@@ -79,7 +131,7 @@ class CouplingNetwork(keras.layers.Layer):
     ):
         super().__init__(**kwargs)
         self.output_units = int(output_units)
-        self.hidden_units = tuple(int(h) for h in hidden_units)
+        self.hidden_units = _check_hidden_units(hidden_units)
         self.activation = activation
         self.with_scale = bool(with_scale)
         self.hidden = [
@@ -127,8 +179,17 @@ class CouplingNetwork(keras.layers.Layer):
         return config
 
 
+class _Record:
+    """What one bijector evaluation saw: the coupling's log-scale (``None`` for NICE) and its input."""
+
+    def __init__(self):
+        self.log_scale: tf.Tensor | None = None
+        self.conditioner: tf.Tensor | None = None
+        self.calls = 0
+
+
 class _Coupling(keras.layers.Layer):
-    """Shared machinery of the affine and additive coupling layers."""
+    """Shared machinery of the affine and additive coupling layers (a ``tfb.RealNVP`` over a Keras net)."""
 
     with_scale: bool = True
 
@@ -140,17 +201,16 @@ class _Coupling(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if log_scale_bound <= 0:
-            raise ValueError(f"log_scale_bound must be > 0, got {log_scale_bound}.")
-        self.hidden_units = tuple(int(h) for h in hidden_units)
+        self.hidden_units = _check_hidden_units(hidden_units)
         self.activation = activation
-        self.log_scale_bound = float(log_scale_bound)
+        self.log_scale_bound = _check_bound(log_scale_bound)
         self.net = None
 
     def build(self, input_shape):
-        dim = int(input_shape[-1])
-        if dim < 2:
+        dim = input_shape[-1]
+        if dim is None or int(dim) < 2:
             raise ValueError(f"A coupling layer needs at least 2 input dimensions, got {dim}.")
+        dim = int(dim)
         self.dim = dim
         self.num_masked = dim // 2
         self.net = CouplingNetwork(
@@ -164,42 +224,27 @@ class _Coupling(keras.layers.Layer):
         self.net.build((None, self.num_masked))
         self.built = True
 
-    def _shift_and_log_scale(self, x0):
+    def _shift_and_log_scale(self, x0: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor | None]:
         shift, raw = self.net(x0)
         if raw is None:
             return shift, None
         return shift, bounded_log_scale(raw, self.log_scale_bound)
 
-    def forward_with_log_diag(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """Return ``(y, log|J_tt|)``; the log-diagonal is ``[B, D]`` (0 on the masked part)."""
-        x0, x1 = x[..., : self.num_masked], x[..., self.num_masked :]
-        shift, log_scale = self._shift_and_log_scale(x0)
-        if log_scale is None:
-            y1 = x1 + shift
-            log_diag = tf.zeros_like(x)
-        else:
-            y1 = x1 * tf.exp(log_scale) + shift
-            log_diag = tf.concat([tf.zeros_like(x0), log_scale], axis=-1)
-        return tf.concat([x0, y1], axis=-1), log_diag
+    def make_bijector(self, record: _Record | None = None) -> tfb.RealNVP:
+        """A new ``tfb.RealNVP`` whose shift-and-log-scale function is this layer's Keras network.
 
-    def call(self, x):
-        return self.forward_with_log_diag(x)[0]
-
-    def inverse(self, y: tf.Tensor) -> tf.Tensor:
-        """Invert the coupling (closed form)."""
-        y0, y1 = y[..., : self.num_masked], y[..., self.num_masked :]
-        shift, log_scale = self._shift_and_log_scale(y0)
-        x1 = y1 - shift
-        if log_scale is not None:
-            x1 = x1 * tf.exp(-log_scale)
-        return tf.concat([y0, x1], axis=-1)
-
-    def bijector(self) -> tfb.Bijector:
-        """The same coupling as a ``tfb.RealNVP`` over this layer's Keras network."""
+        Args:
+            record: if given, every evaluation of the network stores its
+                log-scale there (for the Jacobian diagonal, without a second pass).
+        """
 
         def shift_and_log_scale_fn(x0, output_units, **_):
             del output_units
-            return self._shift_and_log_scale(x0)
+            shift, log_scale = self._shift_and_log_scale(x0)
+            if record is not None:
+                record.log_scale, record.conditioner = log_scale, x0
+                record.calls += 1
+            return shift, log_scale
 
         return tfb.RealNVP(
             num_masked=self.num_masked,
@@ -207,6 +252,33 @@ class _Coupling(keras.layers.Layer):
             is_constant_jacobian=not self.with_scale,
             name=self.name,
         )
+
+    def log_diag(self, record: _Record) -> tf.Tensor:
+        """``log|J_tt|`` ``[B, D]`` of the evaluation in ``record``: 0 on the masked part, ``s`` on the rest."""
+        if record.calls != 1:
+            raise RuntimeError(f"{self.name}: expected one network evaluation per forward pass, got {record.calls}.")
+        x0 = record.conditioner
+        if record.log_scale is None:
+            shape = tf.concat([tf.shape(x0)[:-1], [self.dim]], axis=0)
+            return tf.zeros(shape, x0.dtype)
+        return tf.concat([tf.zeros_like(x0), record.log_scale], axis=-1)
+
+    def forward_with_log_diag(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """Return ``(y, log|J_tt|)``; the log-diagonal is ``[B, D]`` (0 on the masked part)."""
+        record = _Record()
+        y = self.make_bijector(record).forward(x)
+        return y, self.log_diag(record)
+
+    def call(self, x):
+        return self.make_bijector().forward(x)
+
+    def inverse(self, y: tf.Tensor) -> tf.Tensor:
+        """Invert the coupling (``tfb.RealNVP.inverse``, closed form)."""
+        return self.make_bijector().inverse(y)
+
+    def bijector(self) -> tfb.Bijector:
+        """The coupling as a ``tfb.RealNVP`` over this layer's Keras network."""
+        return self.make_bijector()
 
     def get_config(self) -> dict:
         config = super().get_config()
@@ -222,7 +294,7 @@ class _Coupling(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class AffineCoupling(_Coupling):
-    """Real-NVP affine coupling ``y_b = x_b ⊙ exp(s(x_a)) + t(x_a)`` (Dinh et al. 2016).
+    """Real-NVP affine coupling ``y_b = x_b ⊙ exp(s(x_a)) + t(x_a)`` (Dinh et al. 2016) as ``tfb.RealNVP``.
 
     Jacobian diagonal: ``1`` on the ``m = D // 2`` conditioning coordinates and
     ``exp(s)`` on the others (Eq. 9), ``s`` bounded by ``log_scale_bound``.
@@ -233,16 +305,20 @@ class AffineCoupling(_Coupling):
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class AdditiveCoupling(_Coupling):
-    """NICE additive coupling ``y_b = x_b + t(x_a)`` (Dinh et al. 2014); Jacobian diagonal ≡ 1."""
+    """NICE additive coupling ``y_b = x_b + t(x_a)`` (Dinh et al. 2014), a shift-only ``tfb.RealNVP``.
+
+    Jacobian diagonal ≡ 1.
+    """
 
     with_scale = False
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class DiagonalScale(keras.layers.Layer):
-    """Learned per-dimension scale ``y = x ⊙ exp(σ)`` (the scaling layer of NICE).
+    """Learned per-dimension scale ``y = x ⊙ exp(σ)`` (the scaling layer of NICE), as ``tfb.Scale``.
 
-    ``σ`` is initialised to 0 and bounded like the coupling log-scales.
+    ``σ`` is initialised to 0 and bounded like the coupling log-scales. Its
+    Jacobian diagonal ``exp(σ)`` does not depend on the input.
 
     Args:
         log_scale_bound: bound ``b`` of ``σ = b·tanh(σ̂/b)``.
@@ -250,29 +326,43 @@ class DiagonalScale(keras.layers.Layer):
 
     def __init__(self, log_scale_bound: float = 2.0, **kwargs):
         super().__init__(**kwargs)
-        self.log_scale_bound = float(log_scale_bound)
+        self.log_scale_bound = _check_bound(log_scale_bound)
 
     def build(self, input_shape):
+        self.dim = int(input_shape[-1])
         self.raw_log_scale = self.add_weight(
-            name="raw_log_scale", shape=(int(input_shape[-1]),), initializer="zeros", trainable=True
+            name="raw_log_scale", shape=(self.dim,), initializer="zeros", trainable=True
         )
         self.built = True
 
     def log_scale(self) -> tf.Tensor:
         return bounded_log_scale(tf.convert_to_tensor(self.raw_log_scale), self.log_scale_bound)
 
+    def make_bijector(self, record: _Record | None = None) -> tfb.Scale:
+        """A new ``tfb.Scale(log_scale=σ)``; ``record`` (if given) receives ``σ``."""
+        log_scale = self.log_scale()
+        if record is not None:
+            record.log_scale = log_scale
+            record.calls += 1
+        return tfb.Scale(log_scale=log_scale, name=self.name)
+
+    def log_diag(self, record: _Record, like: tf.Tensor) -> tf.Tensor:
+        """``σ`` broadcast to the shape of ``like`` (the same for every sample)."""
+        return tf.broadcast_to(tf.cast(record.log_scale, like.dtype), tf.shape(like))
+
     def forward_with_log_diag(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        log_scale = tf.cast(self.log_scale(), x.dtype)
-        return x * tf.exp(log_scale), tf.broadcast_to(log_scale, tf.shape(x))
+        record = _Record()
+        y = self.make_bijector(record).forward(x)
+        return y, self.log_diag(record, y)
 
     def call(self, x):
-        return self.forward_with_log_diag(x)[0]
+        return self.make_bijector().forward(x)
 
     def inverse(self, y: tf.Tensor) -> tf.Tensor:
-        return y * tf.exp(-tf.cast(self.log_scale(), y.dtype))
+        return self.make_bijector().inverse(y)
 
     def bijector(self) -> tfb.Bijector:
-        return tfb.Scale(log_scale=self.log_scale(), name=self.name)
+        return self.make_bijector()
 
     def get_config(self) -> dict:
         config = super().get_config()
@@ -281,17 +371,18 @@ class DiagonalScale(keras.layers.Layer):
 
 
 class FlowHead(keras.layers.Layer):
-    """A stack of coupling layers with fixed random permutations in between.
+    """A ``tfb.Chain`` of coupling bijectors with fixed random ``tfb.Permute`` in between.
 
     Subclasses choose the coupling type. The layer's ``call`` returns the flow
     output; :meth:`forward_with_log_diag` also returns the per-coupling Jacobian
-    log-diagonal ``[B, K, D]`` used by :mod:`detreg_keras.regularizers`.
+    log-diagonal ``[B, K, D]`` used by :mod:`detreg_keras.regularizers`, from
+    the same chain evaluation.
 
     Args:
-        num_couplings: number of coupling layers (paper: 12).
+        num_couplings: number of coupling layers ``K >= 1`` (paper: 12).
         hidden_units: hidden widths of each coupling network (paper: 512).
         activation: hidden activation of the coupling networks.
-        log_scale_bound: bound of every log-scale, ``|s| < b``.
+        log_scale_bound: bound of every log-scale, ``|s| < b`` (finite, > 0).
         permutation_seed: seed of the ``num_couplings - 1`` fixed permutations.
             They are stored as non-trainable weights, so a saved model keeps them
             whatever the NumPy version that reloads it.
@@ -312,14 +403,12 @@ class FlowHead(keras.layers.Layer):
     ):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
-        if int(num_couplings) < 1:
-            raise ValueError(f"num_couplings must be >= 1, got {num_couplings}.")
-        if isinstance(hidden_units, int):
-            hidden_units = (hidden_units,)
+        if int(num_couplings) != num_couplings or int(num_couplings) < 1:
+            raise ValueError(f"num_couplings (K) must be an integer >= 1, got {num_couplings}.")
         self.num_couplings = int(num_couplings)
-        self.hidden_units = tuple(int(h) for h in hidden_units)
+        self.hidden_units = _check_hidden_units(hidden_units)
         self.activation = activation
-        self.log_scale_bound = float(log_scale_bound)
+        self.log_scale_bound = _check_bound(log_scale_bound)
         self.permutation_seed = int(permutation_seed)
         self.couplings = [
             self.coupling_cls(
@@ -364,55 +453,60 @@ class FlowHead(keras.layers.Layer):
             perm = self.permutations[k] if k < self.num_couplings - 1 else None
             yield coupling, perm
 
-    def forward_with_log_diag(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """Forward pass returning ``(y [B, D], log|J_tt| [B, K, D])``.
-
-        ``log_diag[:, k]`` is the log-diagonal of the k-th triangular block in its
-        own (permuted) coordinates; ``log|det J| = Σ_{k,t} log_diag[:, k, t]``
-        because permutations have ``|det| = 1``.
-        """
-        x = tf.cast(x, self.compute_dtype)
-        if not self.built:
-            self.build(tuple(x.shape))
-        log_diags = []
-        h = x
-        for layer, perm in self._steps():
-            h, log_diag = layer.forward_with_log_diag(h)
-            log_diags.append(log_diag)
-            if perm is not None:
-                h = tf.gather(h, perm, axis=-1)
-        return h, tf.stack(log_diags, axis=1)
-
-    def call(self, x):
-        return self.forward_with_log_diag(x)[0]
-
-    def log_det_jacobian(self, x: tf.Tensor) -> tf.Tensor:
-        """Per-sample ``log|det ∂y/∂x|``, shape ``[B]``."""
-        return tf.reduce_sum(self.forward_with_log_diag(x)[1], axis=[1, 2])
-
-    def inverse(self, y: tf.Tensor) -> tf.Tensor:
-        """Invert the whole flow (closed form, coupling by coupling)."""
-        h = tf.cast(y, self.compute_dtype)
-        for layer, perm in reversed(list(self._steps())):
-            if perm is not None:
-                h = tf.gather(h, tf.math.invert_permutation(perm), axis=-1)
-            h = layer.inverse(h)
-        return h
-
-    def bijector(self) -> tfb.Bijector:
-        """The flow as a ``tfp.bijectors`` chain sharing this layer's weights.
-
-        Use it for ``inverse``, ``forward_log_det_jacobian(x, event_ndims=1)`` or
-        a ``tfd.TransformedDistribution``. Build the layer first.
-        """
-        if not self.built:
-            raise ValueError("Build the flow (call it once) before asking for its bijector.")
-        bijectors = []  # forward order; tfb.Chain applies the list right-to-left
-        for layer, perm in self._steps():
-            bijectors.append(layer.bijector())
+    def _chain(self, records: list[_Record] | None = None) -> tfb.Chain:
+        """A new ``tfb.Chain`` of the head; ``records[k]`` receives block k's log-scale."""
+        bijectors = []  # forward order; tfb.Chain applies its list right-to-left
+        for k, (layer, perm) in enumerate(self._steps()):
+            bijectors.append(layer.make_bijector(None if records is None else records[k]))
             if perm is not None:
                 bijectors.append(tfb.Permute(permutation=tf.convert_to_tensor(perm), axis=-1))
         return tfb.Chain(list(reversed(bijectors)), name=self.name)
+
+    def _prepare(self, x: tf.Tensor) -> tf.Tensor:
+        x = tf.cast(x, self.compute_dtype)
+        if not self.built:
+            self.build(tuple(x.shape))
+        if x.shape.rank is not None and x.shape[-1] is None:  # e.g. after an all_gather
+            x = tf.ensure_shape(x, [None] * (x.shape.rank - 1) + [self.dim])
+        return x
+
+    def forward_with_log_diag(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """Forward pass through the bijector chain, returning ``(y [B, D], log|J_tt| [B, K, D])``.
+
+        ``log_diag[:, k]`` is the log-diagonal of the k-th triangular block in its
+        own (permuted) coordinates, recorded while the chain ran (no second
+        network evaluation); ``log|det J| = Σ_{k,t} log_diag[:, k, t]`` because
+        permutations have ``|det| = 1``.
+        """
+        x = self._prepare(x)
+        records = [_Record() for _ in self.diagonal_layers]
+        y = self._chain(records).forward(x)
+        return y, tf.stack(self._log_diags(records, y), axis=1)
+
+    def _log_diags(self, records: list[_Record], y: tf.Tensor) -> list[tf.Tensor]:
+        return [layer.log_diag(record) for layer, record in zip(self.couplings, records)]
+
+    def call(self, x):
+        return self._chain().forward(self._prepare(x))
+
+    def log_det_jacobian(self, x: tf.Tensor) -> tf.Tensor:
+        """Per-sample ``log|det ∂y/∂x|``, shape ``[B]`` (sum of the recorded log-diagonals)."""
+        return tf.reduce_sum(self.forward_with_log_diag(x)[1], axis=[1, 2])
+
+    def inverse(self, y: tf.Tensor) -> tf.Tensor:
+        """Invert the whole flow (``tfb.Chain.inverse``, closed form, coupling by coupling)."""
+        return self._chain().inverse(self._prepare(y))
+
+    def bijector(self) -> tfb.Bijector:
+        """The flow as a new ``tfp.bijectors`` chain sharing this layer's weights.
+
+        The same chain type ``call`` runs; use it for ``inverse``,
+        ``forward_log_det_jacobian(x, event_ndims=1)`` or a
+        ``tfd.TransformedDistribution``. Build the layer first.
+        """
+        if not self.built:
+            raise ValueError("Build the flow (call it once) before asking for its bijector.")
+        return self._chain()
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -426,25 +520,32 @@ class FlowHead(keras.layers.Layer):
                 "activation": self.activation,
                 "log_scale_bound": self.log_scale_bound,
                 "permutation_seed": self.permutation_seed,
+                "layout_version": LAYOUT_VERSION,
             }
         )
         return config
 
+    @classmethod
+    def from_config(cls, config: dict):
+        config = dict(config)
+        check_layout_version(config.pop("layout_version", None), f"{cls.__name__} {config.get('name')!r}")
+        return cls(**config)
+
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class RealNVPFlow(FlowHead):
-    """Real-NVP metric head: ``num_couplings`` affine couplings with permutations (paper Sec. 4)."""
+    """Real-NVP metric head: ``num_couplings`` ``tfb.RealNVP`` affine couplings with permutations (Sec. 4)."""
 
     coupling_cls = AffineCoupling
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class NICEFlow(FlowHead):
-    """NICE metric head: additive couplings with permutations, then a learned diagonal scale.
+    """NICE metric head: shift-only ``tfb.RealNVP`` couplings with permutations, then a ``tfb.Scale``.
 
     The additive couplings are volume preserving, so the determinant of the head
     is ``Π exp(σ_t)`` from :class:`DiagonalScale` (one more diagonal block,
-    ``K = num_couplings + 1``).
+    ``K = num_couplings + 1``), the same for every input.
     """
 
     coupling_cls = AdditiveCoupling
@@ -464,6 +565,9 @@ class NICEFlow(FlowHead):
     def _steps(self):
         yield from super()._steps()
         yield self.scale, None
+
+    def _log_diags(self, records: list[_Record], y: tf.Tensor) -> list[tf.Tensor]:
+        return super()._log_diags(records[:-1], y) + [self.scale.log_diag(records[-1], y)]
 
 
 FLOWS: dict[str, type[FlowHead]] = {"realnvp": RealNVPFlow, "nice": NICEFlow}

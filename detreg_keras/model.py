@@ -14,7 +14,11 @@ where ``Z`` holds the batch features ``z`` and the augmented points
 regulariser ``R`` (:mod:`detreg_keras.regularizers`) but not the DML loss.
 
 ``call()`` returns the L2-normalised output of the minimising head, the
-embedding used for retrieval. Switches: ``dueling=False`` keeps one head and
+embedding used for retrieval. In the training forward pass
+(:meth:`DRegModel.compute_dreg_losses`) the regulariser layers add
+``+λ1·R(Z1)`` and ``−λ2·R(Z2)`` with ``add_loss``; ``train_step`` takes them,
+with any ``add_loss`` term of the user's own layers, from the layers'
+``losses`` and adds each once. Switches: ``dueling=False`` keeps one head and
 the ``+λ1·R(Z1)`` term; ``lambda_min = lambda_max = 0`` trains the same
 architecture without regularisation; ``flow="none"`` is the plain Proxy Anchor
 baseline on the same backbone and embedding.
@@ -33,9 +37,9 @@ import tensorflow as tf
 from detreg_keras import losses as dml_losses
 from detreg_keras.augment import between_sample_augment
 from detreg_keras.backbones import build_backbone
-from detreg_keras.flows import build_flow
+from detreg_keras.flows import LAYOUT_VERSION, build_flow, check_layout_version
 from detreg_keras.optim import make_optimizer
-from detreg_keras.regularizers import DeterminantRegularizer
+from detreg_keras.regularizers import REDUCTIONS, DeterminantRegularizer, check_weight
 
 _PACKAGE = "detreg_keras"
 
@@ -62,7 +66,10 @@ def _gather_global_batch(features: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Ten
     context = tf.distribute.get_replica_context()
     if context is None or context.num_replicas_in_sync == 1:
         return features, labels
-    return context.all_gather(features, axis=0), context.all_gather(labels, axis=0)
+    gathered, gathered_labels = context.all_gather(features, axis=0), context.all_gather(labels, axis=0)
+    # all_gather loses the static feature dimension, which the tfp couplings need to split x
+    gathered = tf.ensure_shape(gathered, [None] + features.shape[1:])
+    return gathered, tf.ensure_shape(gathered_labels, [None])
 
 
 _NONFINITE_HINT = (
@@ -80,14 +87,41 @@ def _assert_finite(value: tf.Tensor, what: str) -> list:
     return [] if op is None else [op]  # eager mode raises at once and returns None
 
 
+_TERM_NAMES = {
+    "loss": "loss (the total)",
+    "dml": "dml (base loss of the heads)",
+    "reg_min": "reg_min R(Z1)",
+    "reg_max": "reg_max R(Z2)",
+    "log_scale_min": "log_scale_min (log|J_tt| of head 1, dreg_flow_min)",
+    "log_scale_max": "log_scale_max (log|J_tt| of head 2, dreg_flow_max)",
+}
+
+
 def _check_finite_terms(terms: dict[str, tf.Tensor]) -> list:
-    """Checks naming each term of Eq. 11 that is not finite."""
-    return [op for name, value in terms.items() for op in _assert_finite(value, f"the {name} term")]
+    """One check whose message names every term (of Eq. 11, or an ``add_loss`` term) that is not finite."""
+    if not terms:
+        return []
+    names = tf.constant([_TERM_NAMES.get(name, name) for name in terms])
+    finite = tf.stack([tf.reduce_all(tf.math.is_finite(tf.cast(v, tf.float32))) for v in terms.values()])
+    bad = tf.strings.reduce_join(tf.boolean_mask(names, tf.logical_not(finite)), separator=", ")
+    op = tf.debugging.Assert(
+        tf.reduce_all(finite),
+        ["DRegModel: these terms became non-finite (NaN/Inf):", bad, f"; {_NONFINITE_HINT}"],
+    )
+    return [] if op is None else [op]
 
 
-def _check_finite_gradients(gradients: list) -> list:
-    present = [g for g in gradients if g is not None]
-    return _assert_finite(tf.linalg.global_norm(present), "the gradients") if present else []
+def _call_and_collect(layer: keras.layers.Layer, collected: list | None, *args, **kwargs):
+    """Call ``layer``; if ``collected`` is a list, append ``(layer.name, loss)`` for each of
+    ``layer.losses``, read right after the call (Keras 3 clears them at the next outermost call)."""
+    out = layer(*args, **kwargs)
+    _collect(layer, collected)
+    return out
+
+
+def _collect(layer: keras.layers.Layer, collected: list | None) -> None:
+    if collected is not None:
+        collected.extend((layer.name, loss) for loss in layer.losses)
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -161,7 +195,11 @@ class DRegModel(keras.Model):
         lambda_min: λ1 of Eq. 11 (paper: 0.05).
         lambda_max: λ2 of Eq. 11 (paper: 0.05).
         epsilon: ε of the between-sample augmentation (paper: 0.4); 0 disables it.
-        regularizer_form: ``"log1p"`` (Eq. 7/10) or ``"logdet"`` (Eq. 6).
+        regularizer_form: ``"log1p"`` (Eq. 7/10) or ``"logdet"`` (Eq. 6 / 2d).
+        coupling_reduction: ``"sum"`` (default: R sums the Eq. 10 terms of the
+            K couplings, identity head ``K·log 2``) or ``"mean"`` (their mean,
+            identity ``log 2``: λ does not depend on K). See
+            :mod:`detreg_keras.regularizers`.
         loss: base DML loss name from :data:`detreg_keras.losses.LOSSES`.
         loss_config: keyword arguments of the base loss (e.g. ``margin``, ``alpha``).
         **kwargs: ``keras.Model`` arguments (``name``...).
@@ -186,6 +224,7 @@ class DRegModel(keras.Model):
         lambda_max: float = 0.05,
         epsilon: float = 0.4,
         regularizer_form: str = "log1p",
+        coupling_reduction: str = "sum",
         loss: str = "proxy_anchor",
         loss_config: dict[str, Any] | None = None,
         **kwargs,
@@ -195,6 +234,10 @@ class DRegModel(keras.Model):
             raise ValueError(f"num_classes must be >= 2 for metric learning, got {num_classes!r}.")
         if not 0.0 <= float(epsilon) <= 1.0:
             raise ValueError(f"epsilon must lie in [0, 1], got {epsilon}.")
+        check_weight(lambda_min, "lambda_min (λ1)")
+        check_weight(lambda_max, "lambda_max (λ2)")
+        if coupling_reduction not in REDUCTIONS:
+            raise ValueError(f"coupling_reduction must be one of {REDUCTIONS}, got {coupling_reduction!r}.")
         if isinstance(hidden_units, int):
             hidden_units = (hidden_units,)
         self.num_classes = int(num_classes)
@@ -215,6 +258,7 @@ class DRegModel(keras.Model):
         self.lambda_max = float(lambda_max)
         self.epsilon = float(epsilon)
         self.regularizer_form = regularizer_form
+        self.coupling_reduction = coupling_reduction
         self.loss_name = loss
         self.loss_config = dict(loss_config or {})
 
@@ -230,12 +274,16 @@ class DRegModel(keras.Model):
             self.flow_min = build_flow(
                 self.flow_type, permutation_seed=self.permutation_seed, name="dreg_flow_min", **flow_kwargs
             )
-            self.reg_min = DeterminantRegularizer(self.lambda_min, "min", regularizer_form, name="dreg_reg_min")
+            self.reg_min = DeterminantRegularizer(
+                self.lambda_min, "min", regularizer_form, coupling_reduction, name="dreg_reg_min"
+            )
         if self.dueling:
             self.flow_max = build_flow(
                 self.flow_type, permutation_seed=self.permutation_seed + 1, name="dreg_flow_max", **flow_kwargs
             )
-            self.reg_max = DeterminantRegularizer(self.lambda_max, "max", regularizer_form, name="dreg_reg_max")
+            self.reg_max = DeterminantRegularizer(
+                self.lambda_max, "max", regularizer_form, coupling_reduction, name="dreg_reg_max"
+            )
         self.loss_min = dml_losses.get(
             loss, num_classes=self.num_classes, embedding_dim=self.embedding_dim, name="dreg_loss_min", **self.loss_config
         )
@@ -324,11 +372,21 @@ class DRegModel(keras.Model):
         with tf.control_dependencies(checks):
             return tf.identity(images)
 
-    def embed_features(self, images: tf.Tensor, training: bool = False) -> tf.Tensor:
-        """Backbone + embedding: the features ``z`` fed to the flow heads (float32)."""
+    def embed_features(
+        self, images: tf.Tensor, training: bool = False, collected: list | None = None
+    ) -> tf.Tensor:
+        """Backbone + embedding: the features ``z`` fed to the flow heads (float32).
+
+        Args:
+            images: raw pixels ``[B, H, W, C]``.
+            training: Keras' training flag.
+            collected: if given, receives the ``losses`` (``add_loss`` and weight
+                regularisers) of the backbone and the embedding layer, read right
+                after their calls (see :meth:`compute_dreg_losses`).
+        """
         images = self._assert_image_shape(images)
-        features = self.backbone(images, training=training)
-        return tf.cast(self.embedding(features, training=training), tf.float32)
+        features = _call_and_collect(self.backbone, collected, images, training=training)
+        return tf.cast(_call_and_collect(self.embedding, collected, features, training=training), tf.float32)
 
     def call(self, images, training=False):
         z = self.embed_features(images, training=training)
@@ -339,46 +397,77 @@ class DRegModel(keras.Model):
     def compute_output_shape(self, input_shape):
         return (input_shape[0], self.embedding_dim)
 
-    def _head_terms(self, flow, regularizer, loss_layer, features, labels, mask, batch):
+    def _head_terms(self, flow, regularizer, loss_layer, features, labels, mask, batch, collected):
+        """One head: ``(DML(e), R(Z), log|J_tt|)``; the regulariser adds ``±λ·R(Z)`` with ``add_loss``."""
         out, log_diag = flow.forward_with_log_diag(features)
-        dml = loss_layer(l2_normalize(out[:batch]), labels)
-        penalty, value = regularizer.penalty(log_diag, mask)
-        return dml, penalty, value
+        _collect(flow, collected)  # its coupling networks were each called (and cleared) just now
+        dml = _call_and_collect(loss_layer, collected, l2_normalize(out[:batch]), labels)
+        value = _call_and_collect(regularizer, collected, log_diag, sample_mask=mask)
+        return dml, value, log_diag
+
+    def _regularized_points(self, z, labels):
+        """``Z``: the features and, with ε > 0, their augmented points (Sec. 4), with the sample mask."""
+        regularize = self.lambda_min > 0 or (self.dueling and self.lambda_max > 0)
+        if not (regularize and self.epsilon > 0):
+            return z, None
+        augmented, valid = between_sample_augment(z, labels, self.epsilon)
+        return tf.concat([z, augmented], axis=0), tf.concat([tf.ones_like(valid), valid], axis=0)
 
     def compute_dreg_losses(self, images, labels, training: bool = False) -> dict[str, tf.Tensor]:
-        """All terms of Eq. 11 for a batch.
+        """All terms of Eq. 11 for a batch, the regulariser terms taken from ``add_loss``.
+
+        ``loss = dml + Σ losses``: the regulariser layers add ``+λ1·R(Z1)`` and
+        ``−λ2·R(Z2)`` with ``add_loss``; they and every other ``add_loss`` or
+        weight-regulariser term of the model's layers (what ``self.losses``
+        aggregates) are read from each layer right after its call, as Keras 3
+        clears them at the next outermost call, and added once. Reading them
+        layer by layer, not ``self.losses`` once at the end, keeps this exact
+        under ``MirroredStrategy``: its replica threads share the layers' loss
+        lists and switch at the features' ``all_gather``. The ``add_loss``
+        terms themselves come with :meth:`compute_dreg_losses_and_added`.
 
         Returns:
             dict with ``loss`` (total), ``dml`` (sum of the heads' base losses),
-            ``reg_min`` and ``reg_max`` (unsigned ``R(Z1)``, ``R(Z2)``).
+            ``reg_min`` and ``reg_max`` (unsigned ``R(Z1)``, ``R(Z2)``), and
+            ``log_scale_min`` / ``log_scale_max`` (largest ``|log|J_tt||`` of
+            each head, checked by the non-finite guard).
         """
+        return self.compute_dreg_losses_and_added(images, labels, training)[0]
+
+    def compute_dreg_losses_and_added(
+        self, images, labels, training: bool = False
+    ) -> tuple[dict[str, tf.Tensor], list[tuple[str, tf.Tensor]]]:
+        """:meth:`compute_dreg_losses` and the ``(layer name, term)`` pairs of the ``add_loss`` terms it added."""
         if not self.built:  # fit() defers building to the first trace of train_step
             self.build((None,) + tuple(images.shape[1:]))
         labels = self._check_labels(labels)
-        z = self.embed_features(images, training=training)
+        collected: list = []
+        z = self.embed_features(images, training=training, collected=collected)
         z, labels = _gather_global_batch(z, labels)
         batch = tf.shape(z)[0]
         if self.flow_min is None:
-            dml = self.loss_min(l2_normalize(z), labels)
-            return {"loss": dml, "dml": dml}
-        regularize = self.lambda_min > 0 or (self.dueling and self.lambda_max > 0)
-        if regularize and self.epsilon > 0:
-            augmented, valid = between_sample_augment(z, labels, self.epsilon)
-            points = tf.concat([z, augmented], axis=0)
-            mask = tf.concat([tf.ones_like(valid), valid], axis=0)
+            terms = {"dml": _call_and_collect(self.loss_min, collected, l2_normalize(z), labels)}
         else:
-            points, mask = z, None
-        dml, penalty, reg_min = self._head_terms(self.flow_min, self.reg_min, self.loss_min, points, labels, mask, batch)
-        terms = {"reg_min": reg_min}
-        total = dml + penalty
+            terms = self._dueling_terms(z, labels, batch, collected)
+        total = terms["dml"]
+        if collected:
+            total = total + tf.add_n([tf.cast(loss, total.dtype) for _, loss in collected])
+        terms["loss"] = total
+        return terms, collected
+
+    def _dueling_terms(self, z, labels, batch, collected: list) -> dict[str, tf.Tensor]:
+        points, mask = self._regularized_points(z, labels)
+        dml, reg_min, log_diag = self._head_terms(
+            self.flow_min, self.reg_min, self.loss_min, points, labels, mask, batch, collected
+        )
+        terms = {"reg_min": reg_min, "log_scale_min": tf.reduce_max(tf.abs(log_diag))}
         if self.dueling:
-            dml_2, penalty_2, reg_max = self._head_terms(
-                self.flow_max, self.reg_max, self.loss_max, points, labels, mask, batch
+            dml_2, reg_max, log_diag_2 = self._head_terms(
+                self.flow_max, self.reg_max, self.loss_max, points, labels, mask, batch, collected
             )
             dml = dml + dml_2
-            total = total + dml_2 + penalty_2
-            terms["reg_max"] = reg_max
-        terms.update({"loss": total, "dml": dml})
+            terms.update({"reg_max": reg_max, "log_scale_max": tf.reduce_max(tf.abs(log_diag_2))})
+        terms["dml"] = dml
         return terms
 
     # ----------------------------------------------------------- training
@@ -473,20 +562,19 @@ class DRegModel(keras.Model):
         # step) is made to depend on these checks, so a non-finite step changes nothing.
         input_checks = _assert_finite(x, "the input images")
         with tf.control_dependencies(input_checks), tf.GradientTape() as tape:
-            terms = self.compute_dreg_losses(x, y, training=True)
+            terms, added = self.compute_dreg_losses_and_added(x, y, training=True)  # loss includes `added`
             total = terms["loss"]
-            if self.losses:
-                total = total + tf.add_n([tf.cast(l, total.dtype) for l in self.losses])
-                terms["loss"] = total
             # Every replica computes the loss of the *global* batch (see _gather_global_batch) and
             # the optimizer sums gradients over replicas: divide by the replica count.
             scaled = self.optimizer.scale_loss(total / _num_replicas())
         variables = self.trainable_variables
         gradients = tape.gradient(scaled, variables)
-        checks = _check_finite_terms(terms)
-        if not isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+        named = {**terms, **{f"add_loss term {i} of layer {name!r}": v for i, (name, v) in enumerate(added)}}
+        present = [g for g in gradients if g is not None]
+        if present and not isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
             # (a loss-scale optimizer expects and skips non-finite scaled gradients itself)
-            checks += _check_finite_gradients(gradients)
+            named["gradients (global norm)"] = tf.linalg.global_norm(present)
+        checks = _check_finite_terms(named)  # one check, naming every non-finite term
         with tf.control_dependencies(checks):
             self.optimizer.apply(gradients, variables)
         return self._update_trackers(terms)
@@ -530,6 +618,8 @@ class DRegModel(keras.Model):
             "lambda_max": self.lambda_max,
             "epsilon": self.epsilon,
             "regularizer_form": self.regularizer_form,
+            "coupling_reduction": self.coupling_reduction,
+            "flow_layout_version": LAYOUT_VERSION,
             "loss": self.loss_name,
             "loss_config": self.loss_config,
         }
@@ -537,6 +627,7 @@ class DRegModel(keras.Model):
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
+        check_layout_version(config.pop("flow_layout_version", None), f"DRegModel {config.get('name')!r}")
         config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"], custom_objects=custom_objects)
         return cls(**config)
 
@@ -567,9 +658,11 @@ def load_model(path: str | os.PathLike, safe_mode: bool = True, compile: bool = 
             damaged = archive.testzip()
     except zipfile.BadZipFile as err:
         raise ValueError(f"{path} is not a valid .keras archive (truncated or corrupt file): {err}") from err
-    if damaged is not None or not {"config.json", "model.weights.h5"} <= names:
+    missing = sorted({"config.json", "model.weights.h5"} - names)
+    if damaged is not None or missing:
+        problem = f"damaged member {damaged!r}" if damaged is not None else f"no {', '.join(missing)}"
         raise ValueError(
-            f"{path} is an incomplete .keras archive (damaged member {damaged!r}, members {sorted(names)}); "
-            "it may have been truncated while copying or saving."
+            f"{path} is an incomplete .keras archive ({problem}; members {sorted(names)}); "
+            "it may have been truncated while copying or saving: save or copy the model again."
         )
     return keras.models.load_model(path, safe_mode=safe_mode, compile=compile)

@@ -13,6 +13,7 @@ as PyTorch's AdamW does per parameter group.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Sequence
 
@@ -104,6 +105,7 @@ def make_optimizer(
     total_steps: int | None = None,
     warmup_steps: int = 0,
     end_learning_rate: float = 0.0,
+    clipvalue: float | None = None,
     **kwargs: Any,
 ) -> GroupAdamW:
     """The paper's recipe: AdamW, backbone lr, 10x for heads and proxies, linear decay.
@@ -121,8 +123,19 @@ def make_optimizer(
         warmup_steps: the backbone and embedding stay frozen (lr 0) for these
             first steps while heads and proxies train ("warm-up epochs").
         end_learning_rate: final learning rate of the linear decay.
+        clipvalue: if given, every gradient element is clipped to
+            ``[-clipvalue, clipvalue]`` before the AdamW update (the official
+            Proxy Anchor code clips by value at 10); ``None``: no clipping.
         **kwargs: further ``GroupAdamW`` / ``AdamW`` arguments.
+
+    Raises:
+        ValueError: ``clipvalue`` is not a finite number > 0.
     """
+    if clipvalue is not None:
+        clipvalue = float(clipvalue)
+        if not (math.isfinite(clipvalue) and clipvalue > 0):
+            raise ValueError(f"clipvalue must be a finite number > 0 (or None), got {clipvalue}.")
+        kwargs["clipvalue"] = clipvalue
     schedule: Any = learning_rate
     if total_steps:
         schedule = keras.optimizers.schedules.PolynomialDecay(

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -259,7 +265,12 @@ def test_non_finite_input_or_term_stops_training_and_keeps_weights_and_checkpoin
     proxies.assign(np.full(proxies.shape, np.nan, "float32"))
     others = [w for w in model.trainable_weights if w is not proxies]
     before = [w.numpy().copy() for w in others]
-    with pytest.raises(tf.errors.InvalidArgumentError, match="the (loss|dml) term became non-finite"):
+    # one check names exactly the non-finite terms: the proxies poison the base loss, the total and the gradients
+    with pytest.raises(
+        tf.errors.InvalidArgumentError,
+        match=r"these terms became non-finite \(NaN/Inf\):\] \[dml \(base loss of the heads\), loss \(the total\), "
+        r"gradients \(global norm\)\]",
+    ):
         model.fit(x, y, batch_size=20, epochs=1, verbose=0)
     for value, w in zip(before, others):
         np.testing.assert_array_equal(value, w.numpy())
@@ -294,3 +305,276 @@ def test_load_model_reports_truncated_and_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="No saved model"):
         load_model(tmp_path / "missing.keras")
     assert path.read_bytes() == data  # the good file is untouched
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Eq. 11 through add_loss, against an independent numpy computation
+
+def _numpy_proxy_anchor(emb, labels, proxies, margin=0.1, alpha=32.0):
+    """Proxy Anchor (Kim et al. 2020, official formula) in float64 numpy."""
+    e = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    p = proxies / np.linalg.norm(proxies, axis=1, keepdims=True)
+    cos = e @ p.T
+    pos = labels[:, None] == np.arange(p.shape[0])[None, :]
+    pos_sum = np.where(pos, np.exp(-alpha * (cos - margin)), 0.0).sum(0)
+    neg_sum = np.where(~pos, np.exp(alpha * (cos + margin)), 0.0).sum(0)
+    with_pos = pos.any(0)
+    return np.log1p(pos_sum[with_pos]).sum() / with_pos.sum() + np.log1p(neg_sum).sum() / p.shape[0]
+
+
+def _numpy_augment(z, labels, eps):
+    """z_ij = z_i + eps (z_j - z_i), z_j the most cosine-similar other sample of the class."""
+    unit = z / np.linalg.norm(z, axis=1, keepdims=True)
+    sim = unit @ unit.T
+    out, valid = z.copy(), np.zeros(len(z), bool)
+    for i in range(len(z)):
+        others = [j for j in range(len(z)) if j != i and labels[j] == labels[i]]
+        if others:
+            j = max(others, key=lambda k: sim[i, k])
+            out[i], valid[i] = z[i] + eps * (z[j] - z[i]), True
+    return out, valid
+
+
+def _numpy_realnvp(flow, x):
+    """A Real-NVP head in numpy from its weights: (y, per-sample R of Eq. 10 summed over the K blocks)."""
+    h, r = np.asarray(x, np.float64), 0.0
+    for layer, perm in flow._steps():
+        m, bound = layer.num_masked, layer.log_scale_bound
+        a = h[:, :m]
+        for dense in layer.net.hidden:
+            a = np.maximum(a @ dense.kernel.numpy() + dense.bias.numpy(), 0.0)
+        out = a @ layer.net.out.kernel.numpy() + layer.net.out.bias.numpy()
+        shift, raw = np.split(out, 2, axis=1)
+        s = bound * np.tanh(raw / bound)
+        diag = np.concatenate([np.ones((len(h), m)), np.exp(s)], axis=1)  # the Jacobian diagonal
+        r = r + np.log1p(np.abs(diag)).sum(1) / h.shape[1]
+        h = np.concatenate([h[:, :m], h[:, m:] * np.exp(s) + shift], axis=1)
+        if perm is not None:
+            h = h[:, perm.numpy()]
+    return h, r
+
+
+def _numpy_eq11(model, x, y, lam1, lam2):
+    z = model.embed_features(tf.constant(x), training=True).numpy().astype(np.float64)
+    aug, valid = _numpy_augment(z, y, model.epsilon)
+    points, mask = np.concatenate([z, aug]), np.concatenate([np.ones(len(z), bool), valid])
+    e1, r1 = _numpy_realnvp(model.flow_min, points)
+    e2, r2 = _numpy_realnvp(model.flow_max, points)
+    pa1 = _numpy_proxy_anchor(e1[: len(z)], y, model.loss_min.proxies.numpy().astype(np.float64))
+    pa2 = _numpy_proxy_anchor(e2[: len(z)], y, model.loss_max.proxies.numpy().astype(np.float64))
+    big_r1, big_r2 = r1[mask].mean(), r2[mask].mean()
+    return pa1 + pa2 + lam1 * big_r1 - lam2 * big_r2, lam1 * big_r1, -lam2 * big_r2
+
+
+@keras.saving.register_keras_serializable(package="detreg_keras_tests")
+class _UserAddLoss(keras.layers.Layer):
+    """A user's own add_loss term: 0.25·mean(x²) of its input."""
+
+    def call(self, x):
+        self.add_loss(0.25 * tf.reduce_mean(tf.square(x)))
+        return x
+
+
+def _tiny_backbone(with_user_loss: bool) -> keras.Model:
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Conv2D(8, 3, activation="relu", name="conv")(keras.layers.Rescaling(1 / 255.0)(inputs))
+    if with_user_loss:
+        x = _UserAddLoss(name="user_loss")(x)
+    return keras.Model(inputs, x, name="tiny_backbone")
+
+
+def _numpy_user_term(model, x):
+    conv = keras.Model(model.backbone.input, model.backbone.get_layer("conv").output)
+    return 0.25 * np.mean(np.square(conv(x).numpy().astype(np.float64)))
+
+
+@pytest.mark.parametrize("with_user_loss", [False, True])
+def test_training_forward_adds_the_two_regularizer_terms_through_add_loss(with_user_loss):
+    """model.losses after one training forward pass: ±λR(Z) of each head (and the user's term), counted once."""
+    lam1, lam2 = 0.3, 0.1
+    x, y = _data(20)
+    model = _model(backbone=_tiny_backbone(with_user_loss), lambda_min=lam1, lambda_max=lam2)
+    model(x[:2])
+    _perturb_heads(model, seed=3)
+    terms = model.compute_dreg_losses(tf.constant(x), tf.constant(y), training=True)
+    expected_total, plus_r1, minus_r2 = _numpy_eq11(model, x, y, lam1, lam2)
+    assert abs(plus_r1 + minus_r2) > 1e-3  # the two terms do not cancel: a missing or doubled one shows
+    assert [len(model.reg_min.losses), len(model.reg_max.losses)] == [1, 1]
+    np.testing.assert_allclose(model.reg_min.losses[0].numpy(), plus_r1, rtol=1e-5)
+    np.testing.assert_allclose(model.reg_max.losses[0].numpy(), minus_r2, rtol=1e-5)
+    values = sorted(float(v) for v in model.losses)
+    user = [_numpy_user_term(model, x)] if with_user_loss else []
+    np.testing.assert_allclose(values, sorted([plus_r1, minus_r2] + user), rtol=1e-5)  # exactly these terms
+    np.testing.assert_allclose(terms["loss"].numpy(), expected_total + sum(user), rtol=1e-5)
+    np.testing.assert_allclose(terms["loss"].numpy(), terms["dml"].numpy() + sum(values), rtol=1e-6)
+    # train_step adds them once too: with a zero learning rate the logged loss is the same total
+    model.compile(optimizer=keras.optimizers.SGD(0.0))
+    history = model.fit(x, y, batch_size=20, epochs=1, shuffle=False, verbose=0).history
+    np.testing.assert_allclose(history["loss"][0], expected_total + sum(user), rtol=1e-5)
+
+
+MIRRORED_ADD_LOSS = textwrap.dedent(
+    """
+    import json, os, sys
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    import keras, numpy as np
+    import detreg_keras as dr
+    from tests.test_model import _tiny_backbone
+
+    def make():
+        return dr.DRegModel(num_classes=4, backbone=_tiny_backbone(True), embedding_dim=8, num_couplings=2,
+                            hidden_units=8, lambda_min=0.5, lambda_max=0.2)
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(4), 5).astype("int32")
+    x = (rng.uniform(0, 255, (20, 8, 8, 1)) + y[:, None, None, None] * 20).astype("float32")
+    keras.utils.set_random_seed(0)
+    single = make()
+    single(x[:2])
+    for w in single.flow_min.trainable_weights + single.flow_max.trainable_weights:
+        w.assign(w + 0.3 * tf.random.normal(w.shape, seed=1))
+    initial = single.get_weights()
+    reference = float(single.compute_dreg_losses(tf.constant(x), tf.constant(y), training=True)["loss"])
+    single.compile(optimizer=keras.optimizers.SGD(0.05))
+    h1 = single.fit(x, y, batch_size=20, epochs=1, shuffle=False, verbose=0).history
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        mirrored = make()
+        mirrored(x[:2])
+        mirrored.set_weights(initial)
+        mirrored.compile(optimizer=keras.optimizers.SGD(0.05))
+    h2 = mirrored.fit(x, y, batch_size=20, epochs=1, shuffle=False, verbose=0).history
+    diff = max(float(np.abs(a - b).max()) for a, b in zip(single.get_weights(), mirrored.get_weights()))
+    print(json.dumps({"reference": reference, "single": h1["loss"][0], "mirrored": h2["loss"][0], "diff": diff}))
+    """
+)
+
+
+def test_add_loss_terms_are_exact_under_mirrored_strategy(tmp_path):
+    """Replica threads share the layers' loss lists and switch at the all_gather: each term still counts once.
+
+    Reading ``model.losses`` once after the forward pass instead gave replica 1 both replicas' ±λR terms
+    and replica 0 the other replica's user term (measured while writing this test).
+    """
+    script = tmp_path / "mirrored_add_loss.py"
+    script.write_text(MIRRORED_ADD_LOSS)
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, str(script)], cwd=root, capture_output=True, text=True, timeout=600,
+                            env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert abs(out["single"] - out["reference"]) < 1e-5 * abs(out["reference"])
+    assert abs(out["mirrored"] - out["single"]) < 1e-5 * abs(out["single"])
+    assert out["diff"] < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------
+# R's scale, layout versions, bad input
+
+def test_coupling_reduction_mean_divides_r_by_the_number_of_blocks():
+    x, y = _data(20)
+    models = {}
+    for reduction in ("sum", "mean"):
+        keras.utils.set_random_seed(0)
+        models[reduction] = _model(coupling_reduction=reduction, lambda_min=0.2, lambda_max=0.1)
+        models[reduction](x[:2])
+    models["mean"].set_weights(models["sum"].get_weights())
+    _perturb_heads(models["sum"], seed=5)
+    models["mean"].set_weights(models["sum"].get_weights())
+    t_sum = models["sum"].compute_dreg_losses(tf.constant(x), tf.constant(y))
+    t_mean = models["mean"].compute_dreg_losses(tf.constant(x), tf.constant(y))
+    k = SMALL["num_couplings"]
+    np.testing.assert_allclose(t_mean["reg_min"].numpy() * k, t_sum["reg_min"].numpy(), rtol=1e-5)
+    np.testing.assert_allclose(t_mean["reg_max"].numpy() * k, t_sum["reg_max"].numpy(), rtol=1e-5)
+    np.testing.assert_allclose(t_mean["dml"].numpy(), t_sum["dml"].numpy(), rtol=1e-6)
+    assert models["mean"].get_config()["coupling_reduction"] == "mean"
+    assert DRegModel.from_config(models["mean"].get_config()).reg_min.coupling_reduction == "mean"
+
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "flow_layout_v1"
+
+
+@pytest.mark.parametrize("flow", ["realnvp", "nice"])
+def test_models_saved_with_the_pre_tfp_flow_layout_still_load(flow):
+    """Files written by the hand-written Keras flows (layout 1, tests/fixtures/.../make_fixture.py) load unchanged."""
+    expected = np.load(FIXTURES / "expected.npz")
+    path = FIXTURES / f"dreg_{flow}.keras"
+    with zipfile.ZipFile(path) as archive:
+        assert "flow_layout_version" not in json.loads(archive.read("config.json"))["config"]
+    loaded = keras.models.load_model(path)
+    np.testing.assert_allclose(loaded.predict(expected["images"], verbose=0), expected[f"embeddings_{flow}"],
+                               atol=1e-6)
+    assert loaded.get_config()["flow_layout_version"] == 2
+
+
+def test_a_newer_flow_layout_fails_with_a_message_naming_its_version(tmp_path):
+    target = tmp_path / "future.keras"
+    with zipfile.ZipFile(FIXTURES / "dreg_realnvp.keras") as src, zipfile.ZipFile(target, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item.filename)
+            if item.filename == "config.json":
+                config = json.loads(data)
+                config["config"]["flow_layout_version"] = 3
+                data = json.dumps(config).encode()
+            dst.writestr(item, data)
+    with pytest.raises(Exception, match="saved with flow layout version 3 .written by a newer detreg_keras"):
+        keras.models.load_model(target)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(lambda_min=-0.05), "lambda_min"),
+        (dict(lambda_max=-1.0), "lambda_max"),
+        (dict(lambda_max=float("nan")), "lambda_max"),
+        (dict(lambda_min=float("inf")), "lambda_min"),
+        (dict(epsilon=-0.1), "epsilon"),
+        (dict(epsilon=1.01), "epsilon"),
+        (dict(epsilon=float("nan")), "epsilon"),
+        (dict(num_couplings=0), "num_couplings"),
+        (dict(embedding_dim=1), "embedding_dim must be >= 2"),
+        (dict(log_scale_bound=0.0), "log_scale_bound"),
+        (dict(coupling_reduction="max"), "coupling_reduction"),
+        (dict(regularizer_form="frobenius"), "form"),
+    ],
+)
+def test_bad_hyperparameters_are_rejected_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _model(**kwargs)
+
+
+def test_non_finite_log_scale_is_named_by_the_guard_and_nothing_is_updated():
+    model = _model()
+    model.compile(optimizer=make_optimizer(learning_rate=1e-3))
+    x, y = _data(20)
+    model.fit(x, y, batch_size=20, epochs=1, verbose=0)
+    bias = model.flow_min.couplings[1].net.out.bias
+    bias.assign(np.full(bias.shape, np.nan, "float32"))
+    before = [w.numpy().copy() for w in model.trainable_weights if w is not bias]
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"log_scale_min \(log\|J_tt\| of head 1, dreg_flow_min\)"):
+        model.fit(x, y, batch_size=20, epochs=1, verbose=0)
+    for value, w in zip(before, [w for w in model.trainable_weights if w is not bias]):
+        np.testing.assert_array_equal(value, w.numpy())
+
+
+def test_nice_regularizer_is_input_independent_and_sends_no_gradient_to_the_backbone():
+    model = _model(flow="nice", lambda_min=1.0, lambda_max=0.0, dueling=False)
+    x, y = _data(20)
+    model(x[:2])
+    _perturb_heads(model, seed=2)
+    with tf.GradientTape() as tape:
+        z = model.embed_features(tf.constant(x), training=False)
+        _, log_diag = model.flow_min.forward_with_log_diag(z)
+        from detreg_keras.regularizers import per_sample_regularizer
+
+        per_sample = per_sample_regularizer(log_diag)
+        r = tf.reduce_mean(per_sample)
+    np.testing.assert_allclose(per_sample.numpy(), per_sample.numpy()[0], rtol=1e-6)  # the same R for every input
+    grads = tape.gradient(r, model.backbone.trainable_weights + model.embedding.trainable_weights
+                          + model.flow_min.couplings[0].trainable_weights + [model.flow_min.scale.raw_log_scale])
+    assert all(g is None for g in grads[:-1])
+    assert np.abs(grads[-1].numpy()).max() > 0  # only the diagonal scale σ receives R's gradient

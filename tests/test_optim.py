@@ -78,3 +78,39 @@ def test_linear_decay_schedule_and_config_round_trip():
 def test_bad_pattern_fails_early():
     with pytest.raises(Exception):
         GroupAdamW(param_groups=[{"pattern": "(unclosed"}])
+
+
+def _numpy_adam(gradients, lr, beta_1=0.9, beta_2=0.999, epsilon=1e-7):
+    """Keras' Adam update of a weight starting at 1.0, step by step (no weight decay)."""
+    theta, m, v = 1.0, 0.0, 0.0
+    for t, g in enumerate(gradients, start=1):
+        m = beta_1 * m + (1 - beta_1) * g
+        v = beta_2 * v + (1 - beta_2) * g * g
+        lr_t = lr * np.sqrt(1 - beta_2**t) / (1 - beta_1**t)
+        theta -= lr_t * m / (np.sqrt(v) + epsilon)
+    return theta
+
+
+def test_clipvalue_clips_each_gradient_before_the_adam_update():
+    """Official Proxy Anchor clips gradients by value at 10: steps of 50 then 5 must act like 10 then 5."""
+    steps = [50.0, 5.0]
+    expected_clipped = _numpy_adam([10.0, 5.0], lr=1e-2)
+    unclipped = _numpy_adam(steps, lr=1e-2)
+    assert abs(expected_clipped - unclipped) > 1e-3  # the test can tell clipping from no clipping
+    for clipvalue, expected in ((10.0, expected_clipped), (None, unclipped)):
+        flow, proxy, backbone = _variables()
+        opt = make_optimizer(learning_rate=1e-2, head_lr_multiplier=1.0, proxy_lr_multiplier=1.0,
+                             weight_decay=0.0, clipvalue=clipvalue)
+        for g in steps:
+            opt.apply([np.full((1, 1), g, "float32")] * 3, [flow, proxy, backbone])
+        for variable in (flow, proxy, backbone):
+            np.testing.assert_allclose(variable.numpy()[0, 0], expected, rtol=1e-5)
+    assert make_optimizer(clipvalue=10).get_config()["clipvalue"] == 10.0
+    assert GroupAdamW.from_config(make_optimizer(clipvalue=10).get_config()).clipvalue == 10.0
+    assert make_optimizer().get_config()["clipvalue"] is None
+
+
+@pytest.mark.parametrize("clipvalue", [0.0, -1.0, float("inf"), float("nan")])
+def test_bad_clipvalue_is_rejected(clipvalue):
+    with pytest.raises(ValueError, match="clipvalue"):
+        make_optimizer(clipvalue=clipvalue)

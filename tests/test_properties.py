@@ -63,3 +63,12 @@ def test_retrieval_metrics_are_bounded_and_recall_is_monotone_in_k(batch):
     assert all(0.0 <= r <= 1.0 for r in recalls)
     assert recalls == sorted(recalls)
     assert 0.0 <= metrics["map@r"] <= 1.0 and 0.0 <= metrics["precision@1"] <= 1.0
+
+
+@SETTINGS
+@given(st.integers(1, 6), st.integers(1, 13), st.integers(2, 12), st.integers(0, 2**31 - 1), st.sampled_from(["log1p", "logdet"]))
+def test_mean_coupling_reduction_is_the_sum_over_k(batch, blocks, dim, seed, form):
+    log_diag = tf.constant(np.random.default_rng(seed).standard_normal((batch, blocks, dim)) * 3, tf.float64)
+    total = per_sample_regularizer(log_diag, form, coupling_reduction="sum").numpy()
+    mean = per_sample_regularizer(log_diag, form, coupling_reduction="mean").numpy()
+    np.testing.assert_allclose(mean * blocks, total, rtol=1e-12, atol=1e-12)

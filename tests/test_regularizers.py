@@ -107,7 +107,11 @@ def test_layer_adds_signed_weighted_loss_and_round_trips():
         assert len(layer.losses) == 1
         np.testing.assert_allclose(layer.losses[0].numpy(), sign * 0.05 * r, rtol=1e-6)
         clone = DeterminantRegularizer.from_config(layer.get_config())
-        assert (clone.weight, clone.role, clone.form) == (0.05, role, "log1p")
+        assert (clone.weight, clone.role, clone.form, clone.coupling_reduction) == (0.05, role, "log1p", "sum")
+    mean_layer = DeterminantRegularizer(weight=0.05, coupling_reduction="mean")
+    np.testing.assert_allclose(mean_layer(log_diag).numpy(), r / 2, rtol=1e-6)  # K = 2 blocks
+    np.testing.assert_allclose(mean_layer.losses[0].numpy(), 0.05 * r / 2, rtol=1e-6)
+    assert DeterminantRegularizer.from_config(mean_layer.get_config()).coupling_reduction == "mean"
 
 
 def test_bad_arguments():
@@ -117,7 +121,53 @@ def test_bad_arguments():
         DeterminantRegularizer(form="frobenius")
     with pytest.raises(ValueError, match=">= 0"):
         DeterminantRegularizer(weight=-1.0)
+    for weight in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="finite"):
+            DeterminantRegularizer(weight=weight)
+    with pytest.raises(ValueError, match="coupling_reduction"):
+        DeterminantRegularizer(coupling_reduction="max")
+    with pytest.raises(ValueError, match="coupling_reduction"):
+        per_sample_regularizer(tf.zeros((2, 3)), coupling_reduction="median")
     with pytest.raises(ValueError, match="shape"):
         per_sample_regularizer(tf.zeros((2, 3, 4, 5)))
     with pytest.raises(ValueError, match="Unknown regularizer form"):
         per_sample_regularizer(tf.zeros((2, 3)), form="x")
+
+
+@pytest.mark.parametrize("cls,blocks", [(RealNVPFlow, 12), (NICEFlow, 13)])
+def test_identity_head_scale_is_k_log2_summed_and_log2_averaged(cls, blocks):
+    """The documented scale of R: a fresh (identity-Jacobian-diagonal) K = 12 head gives K·log 2 or log 2."""
+    flow = cls(num_couplings=12, hidden_units=(8,))
+    flow.build((None, 10))
+    _, log_diag = flow.forward_with_log_diag(tf.random.normal((4, 10), seed=5))
+    assert log_diag.shape[1] == blocks  # NICE: 12 couplings and the diagonal scale
+    np.testing.assert_allclose(determinant_regularizer(log_diag).numpy(), blocks * np.log(2.0), rtol=1e-6)
+    np.testing.assert_allclose(determinant_regularizer(log_diag, coupling_reduction="mean").numpy(), np.log(2.0),
+                               rtol=1e-6)
+    np.testing.assert_allclose(determinant_regularizer(log_diag, "logdet").numpy(), 0.0, atol=1e-7)
+
+
+def test_logdet_form_is_eq6_divided_by_2d():
+    """Eq. 6 is log Π λ_i² = 2 log|det J|; the "logdet" form (sum over blocks) is (1/d) log|det J|."""
+    flow = RealNVPFlow(num_couplings=3, hidden_units=(16,))
+    flow.build((None, 6))
+    rng = np.random.default_rng(4)
+    for w in flow.trainable_weights:
+        w.assign(w.numpy() + 0.4 * rng.standard_normal(w.shape).astype("float32"))
+    x = tf.random.normal((5, 6), seed=6)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y, log_diag = flow.forward_with_log_diag(x)
+    jac = tape.batch_jacobian(y, x).numpy().astype("float64")
+    singular_values = np.linalg.svd(jac, compute_uv=False)
+    eq6 = np.log(np.prod(singular_values**2, axis=1))
+    assert np.abs(eq6).max() > 0.1
+    np.testing.assert_allclose(per_sample_regularizer(log_diag, "logdet").numpy(), eq6 / (2 * 6), atol=1e-5)
+    # ... and a block's triangular diagonal entries are not its singular values (only their product agrees)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y0 = flow.couplings[0](x)
+    block = tape.batch_jacobian(y0, x).numpy().astype("float64")
+    diagonal, block_sv = np.exp(log_diag.numpy()[:, 0].astype("float64")), np.linalg.svd(block, compute_uv=False)
+    np.testing.assert_allclose(diagonal.prod(axis=1), block_sv.prod(axis=1), rtol=1e-4)
+    assert np.abs(np.sort(diagonal, axis=1) - np.sort(block_sv, axis=1)).max() > 0.1
