@@ -12,12 +12,14 @@ Importing the package registers every custom layer and model with Keras, so
 from __future__ import annotations
 
 from detreg_keras._backend import ensure_tensorflow_backend, prefer_onednn
+from detreg_keras._tf_logging import import_tensorflow
 
 prefer_onednn()  # before TensorFlow's first import (see detreg_keras._backend)
+import_tensorflow()  # its start-up C++ log lines obey TF_CPP_MIN_LOG_LEVEL (see detreg_keras._tf_logging)
 ensure_tensorflow_backend()
 
 # The imports below register the custom objects with Keras serialization.
-from detreg_keras import augment, backbones, flows, losses, metrics, optim, regularizers  # noqa: E402
+from detreg_keras import augment, backbones, data, flows, losses, metrics, optim, regularizers  # noqa: E402
 from detreg_keras.augment import between_sample_augment  # noqa: E402
 from detreg_keras.backbones import ImagePreprocessing, build_backbone  # noqa: E402
 from detreg_keras.flows import (  # noqa: E402
@@ -54,6 +56,7 @@ __all__ = [
     "between_sample_augment",
     "build_backbone",
     "build_flow",
+    "data",
     "determinant_regularizer",
     "evaluate_embeddings",
     "flows",

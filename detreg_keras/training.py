@@ -1,10 +1,13 @@
 """The main job: train a DReg model on a dataset, evaluate retrieval, write a run folder.
 
-``python scripts/train.py`` runs :func:`run_training` with the ``digits`` preset
-(train on digits 0–4, retrieve among the unseen 5–9). ``--preset`` picks one of
-:data:`PRESETS` (the paper's recipe for CUB-200-2011, Cars196, SOP and In-shop,
-a CPU-sized Omniglot recipe, digits) and every other flag overrides a field of
-the preset (:func:`resolve_config`).
+``python scripts/train.py`` runs :func:`run_training` with the ``omniglot``
+preset (:data:`DEFAULT_PRESET`) on the Omniglot alphabets embedded in the
+package (train on 136 characters of 5 alphabets, retrieve among the 106
+characters of 3 unseen alphabets), with the raw-pixel and untrained-network
+baselines (:func:`baseline_metrics`). ``--preset`` picks one of
+:data:`PRESETS` (the paper's recipe for CUB-200-2011, Cars196, SOP and
+In-shop, the CPU-sized Omniglot recipe, digits as a fast smoke test) and every
+other flag overrides a field of the preset (:func:`resolve_config`).
 
 Run folder (never overwritten; ``resume`` is the one case where an existing
 folder is reused)::
@@ -19,8 +22,10 @@ folder is reused)::
                        (loadable with keras.models.load_model / evaluate.py)
     best.keras         best model on the validation classes (--val-classes)
     model.keras        the final model
-    metrics.json       test retrieval metrics of model.keras (and of best.keras)
-    recall_at_k.png    Recall@k curve(s) of metrics.json
+    baselines.json     with baselines=True: raw pixels and the untrained network
+    metrics.json       test retrieval metrics of model.keras (and of best.keras,
+                       and the baselines)
+    recall_at_k.png    Recall@k curves of metrics.json (every row of the table)
 
 Resuming: a run interrupted at any point (an exception, Ctrl-C, a killed
 process) continues with ``run_training(cfg, resume=run_dir)`` or
@@ -32,7 +37,9 @@ and the best validation score so far is read back from ``history.jsonl``. A run
 interrupted after its last epoch only redoes the final evaluation.
 
 Datasets (:data:`DATASETS`): ``digits`` (embedded arrays), ``omniglot``
-(``data_root``, the two zips), ``cub200`` / ``cars196`` / ``sop`` (tfds,
+(embedded in the package; ``data_root``: the folder of the two small zips;
+``data_dir``: the folder of the full dataset's ``images_background.zip`` /
+``images_evaluation.zip``), ``cub200`` / ``cars196`` / ``sop`` (tfds,
 ``data_dir``), ``inshop`` (``data_root``, query/gallery evaluation) and
 ``folder`` (your own class-per-folder images: ``train_dir`` and ``test_dir``,
 or the classic first-half / second-half class split of ``train_dir``).
@@ -67,6 +74,7 @@ from detreg_keras.data import (
     load_image_folder,
     load_inshop,
     load_omniglot,
+    load_omniglot_split,
     load_sop,
     m_per_class_steps,
     make_eval_dataset,
@@ -90,14 +98,15 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 class TrainConfig:
     """Every knob of a training run (the CLI flags map 1:1 onto these fields).
 
-    The defaults are the ``digits`` preset. See :data:`PRESETS` for the others.
+    The field defaults are the ``digits`` preset (the smallest recipe); the
+    command line starts from :data:`DEFAULT_PRESET`. See :data:`PRESETS`.
     """
 
     preset: str = "digits"
     # ---------------------------------------------------------------- data
     dataset: str = "digits"
-    data_root: str | None = None  # omniglot (the zips' folder), inshop (dataset folder)
-    data_dir: str | None = None  # tfds data directory (cub200, cars196, sop)
+    data_root: str | None = None  # omniglot (the zips' folder; None: embedded data), inshop (dataset folder)
+    data_dir: str | None = None  # tfds data directory (cub200, cars196, sop); omniglot: the full dataset's zips
     download: bool = False  # tfds download_and_prepare
     train_dir: str | None = None  # folder dataset
     test_dir: str | None = None  # folder dataset (None: split train_dir's classes in half)
@@ -258,6 +267,9 @@ _OMNIGLOT_RECIPE: dict[str, Any] = dict(
     verbose=2,
 )
 
+#: The preset of ``scripts/train.py`` without ``--preset`` (and of :func:`resolve_config`).
+DEFAULT_PRESET = "omniglot"
+
 #: preset name -> TrainConfig field overrides (``digits`` is TrainConfig's defaults).
 PRESETS: dict[str, dict[str, Any]] = {
     "digits": {},
@@ -269,7 +281,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def resolve_config(preset: str = "digits", **overrides: Any) -> TrainConfig:
+def resolve_config(preset: str = DEFAULT_PRESET, **overrides: Any) -> TrainConfig:
     """A :class:`TrainConfig` from a preset, with ``overrides`` on top.
 
     Args:
@@ -329,8 +341,14 @@ def _load_digits(cfg: TrainConfig) -> DataSplits:
 
 
 def _load_omniglot(cfg: TrainConfig) -> DataSplits:
-    root = resolve_data_path(cfg.data_root or "../shared/data/omniglot")
-    return DataSplits(load_omniglot(root, "train"), load_omniglot(root, "test"))
+    """The embedded benchmark; ``data_root``: the small zips; ``data_dir``: the full dataset's zips."""
+    if cfg.data_root is not None and cfg.data_dir is not None:
+        raise ValueError("Give --data-root (the small Omniglot zips) or --data-dir (the full Omniglot zips), not both.")
+    if cfg.data_root is None and cfg.data_dir is None:
+        return DataSplits(*(load_omniglot_split(split).to_records() for split in ("train", "test")))
+    full = cfg.data_dir is not None
+    root = resolve_data_path(cfg.data_dir if full else cfg.data_root)
+    return DataSplits(*(load_omniglot(root, split, full=full) for split in ("train", "test")))
 
 
 def _tfds_loader(fn: Callable[..., Any]) -> Callable[[TrainConfig], DataSplits]:
@@ -362,6 +380,29 @@ def _load_folder(cfg: TrainConfig) -> DataSplits:
     return DataSplits(
         train.select_classes(range(half)), train.select_classes(range(half, train.num_classes))
     )
+
+
+#: dataset name -> the TrainConfig path fields its loader reads (any other one given is an error).
+DATASET_PATH_FIELDS: dict[str, tuple[str, ...]] = {
+    "digits": (),
+    "omniglot": ("data_root", "data_dir"),
+    "cub200": ("data_dir",),
+    "cars196": ("data_dir",),
+    "sop": ("data_dir",),
+    "inshop": ("data_root",),
+    "folder": ("train_dir", "test_dir"),
+}
+_PATH_FLAGS = {"data_root": "--data-root", "data_dir": "--data-dir", "train_dir": "--train-dir", "test_dir": "--test-dir"}
+
+
+def check_paths(cfg: TrainConfig) -> None:
+    """Refuses a path the dataset would silently ignore (e.g. ``--data-dir`` with digits)."""
+    used = DATASET_PATH_FIELDS.get(cfg.dataset, ())
+    ignored = [name for name in _PATH_FLAGS if getattr(cfg, name) is not None and name not in used]
+    if ignored:
+        given = ", ".join(f"{_PATH_FLAGS[n]} {getattr(cfg, n)}" for n in ignored)
+        reads = ", ".join(_PATH_FLAGS[n] for n in used) or "no path (its data ship with the package)"
+        raise ValueError(f"The {cfg.dataset} dataset does not use {given}; it reads {reads}.")
 
 
 #: dataset name -> loader ``cfg -> DataSplits``.
@@ -561,6 +602,93 @@ def evaluate_splits(model: keras.Model, splits: DataSplits, cfg: TrainConfig, ve
     )
 
 
+# ----------------------------------------------------------------------------- baselines
+
+#: Pixel vectors longer than this get no raw-pixel row (a 224x224 RGB dataset would need GBs).
+MAX_RAW_PIXEL_DIM = 16_384
+#: metric key -> table column (the recall columns come first, one per k).
+TABLE_COLUMNS = {"map@r": "MAP@R", "nmi": "NMI"}
+
+
+def method_label(cfg: TrainConfig) -> str:
+    """The name of a run's method in tables and plots: ``"DReg (realnvp)"`` or ``"Proxy Anchor"``."""
+    return "Proxy Anchor" if cfg.flow == "none" else f"DReg ({cfg.flow})"
+
+
+def pixel_vectors(source: Source, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The evaluation images of ``source`` as the network receives them, flattened.
+
+    Returns:
+        ``(pixels [N, image_size * image_size * channels] float32, labels [N])``.
+    """
+    data, _ = make_evaluation_data(source, cfg)
+    if isinstance(data, tuple):
+        images, labels = data
+        return images.reshape(len(images), -1), np.asarray(labels)
+    chunks = [(x.numpy().reshape(len(x), -1), y.numpy()) for x, y in data]
+    return np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
+
+
+def raw_pixel_metrics(splits: DataSplits, cfg: TrainConfig) -> dict[str, float] | None:
+    """Retrieval on the raw pixels: the metrics of :func:`evaluate_splits` with each image's
+    mean-centred pixel vector as its embedding (cosine similarity, as for the embeddings).
+
+    Centring by the mean image of the evaluated set (its gallery, in query/gallery
+    mode) makes the result the same whether ink is dark on light (Omniglot) or light
+    on dark (digits). ``None`` when the pixel vectors are longer than
+    :data:`MAX_RAW_PIXEL_DIM`.
+    """
+    if cfg.image_size * cfg.image_size * cfg.channels > MAX_RAW_PIXEL_DIM:
+        return None
+    gallery, labels = pixel_vectors(splits.test, cfg)
+    mean = gallery.mean(axis=0)
+    query = query_labels = None
+    if splits.query is not None:
+        query, query_labels = pixel_vectors(splits.query, cfg)
+        query = query - mean
+    return evaluate_embeddings(
+        gallery - mean, labels, ks=tuple(cfg.ks), query_embeddings=query, query_labels=query_labels,
+        metrics=tuple(cfg.metrics),
+    )  # fmt: skip
+
+
+def baseline_metrics(model: keras.Model, splits: DataSplits, cfg: TrainConfig) -> dict[str, dict[str, float]]:
+    """The reference rows of the main job's table, on the test split.
+
+    Args:
+        model: the run's model *before training* (its initial weights).
+        splits: the run's splits.
+        cfg: the run's configuration.
+
+    Returns:
+        ``{"raw pixels": ..., "untrained network": ...}`` (no raw-pixel row for
+        images larger than :data:`MAX_RAW_PIXEL_DIM` values).
+    """
+    rows: dict[str, dict[str, float]] = {}
+    raw = raw_pixel_metrics(splits, cfg)
+    if raw is not None:
+        rows["raw pixels"] = raw
+    rows["untrained network"] = dict(evaluate_splits(model, splits, cfg, verbose=0))
+    return rows
+
+
+def format_table(rows: dict[str, dict[str, Any]], ks: Sequence[int]) -> str:
+    """A plain-text table of retrieval metrics in percent, one row per method.
+
+    Args:
+        rows: ``{method: metrics}`` (keys ``recall@k``, ``map@r``, ``nmi``;
+            missing ones print as ``-``).
+        ks: the Recall@k columns.
+    """
+    columns = {f"recall@{k}": f"R@{k}" for k in ks} | TABLE_COLUMNS
+    width = max(len("method"), *(len(name) for name in rows))
+    lines = ["  ".join([f"{'method':<{width}}", *(f"{title:>6}" for title in columns.values())])]
+    for name, metrics in rows.items():
+        cells = [f"{100 * metrics[key]:6.2f}" if key in metrics else f"{'-':>6}" for key in columns]
+        lines.append("  ".join([f"{name:<{width}}", *cells]))
+    return "\n".join(lines)
+
+
 def load_splits(cfg: TrainConfig) -> tuple[DataSplits, Source | None]:
     """Loads ``cfg.dataset`` and applies ``subset_classes`` and ``val_classes``.
 
@@ -575,6 +703,7 @@ def load_splits(cfg: TrainConfig) -> tuple[DataSplits, Source | None]:
     """
     if cfg.dataset not in DATASETS:
         raise ValueError(f"Unknown dataset {cfg.dataset!r}; available: {sorted(DATASETS)}.")
+    check_paths(cfg)
     splits = DATASETS[cfg.dataset](cfg)
     if cfg.subset_classes:
         splits.train = _first_classes(splits.train, cfg.subset_classes)
@@ -750,11 +879,31 @@ def _check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"crop_scale_min must lie in (0, 1], got {cfg.crop_scale_min}.")
 
 
+def _describe(source: Source, labels: np.ndarray | None = None) -> str:
+    """``"2720 images of 136 classes"`` (a tfds split is not read for it: ``"a tfds split"``)."""
+    if labels is None and isinstance(source, tf.data.Dataset):
+        return "a tfds split"
+    labels = source_labels(source) if labels is None else labels
+    return f"{len(labels):,} images of {len(np.unique(labels)):,} classes"
+
+
+def _run_baselines(model: keras.Model, splits: DataSplits, cfg: TrainConfig, run_dir: Path) -> dict[str, dict[str, float]]:
+    """:func:`baseline_metrics` of the untrained ``model``, or those a resumed run saved."""
+    path = run_dir / "baselines.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    rows = baseline_metrics(model, splits, cfg)
+    path.write_text(json.dumps(rows, indent=2))
+    return rows
+
+
 def run_training(
     cfg: TrainConfig,
     *,
     resume: str | os.PathLike | None = None,
     callbacks: Sequence[keras.callbacks.Callback] = (),
+    baselines: bool = False,
+    references: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Train, evaluate retrieval on the held-out classes and write the run folder.
 
@@ -764,10 +913,15 @@ def run_training(
         resume: an interrupted run folder to continue in place.
         callbacks: extra Keras callbacks for ``fit`` (run before the run
             folder's own callbacks).
+        baselines: also evaluate :func:`baseline_metrics` before training
+            (saved in ``baselines.json``, which a resumed run reads back).
+        references: metrics of other runs to draw in this run's plot (e.g.
+            ``{"Proxy Anchor": metrics}``), in front of this run's curve.
 
     Returns:
         ``{"run_dir": str, "metrics": {...}, "history": {key: [per epoch]}}``;
-        the history covers every epoch of the run, resumed or not.
+        the history covers every epoch of the run, resumed or not; with
+        ``baselines``, ``metrics["baselines"]`` holds the reference rows.
 
     Raises:
         FileExistsError: a new run's folder exists and is not empty.
@@ -786,6 +940,9 @@ def run_training(
     train_labels = source_labels(splits.train)
     train_ds, steps_per_epoch = make_training_data(splits.train, cfg, train_labels)
     num_classes = int(train_labels.max()) + 1
+    if cfg.verbose:
+        print(f"{method_label(cfg)} on {cfg.dataset}: training on {_describe(splits.train, train_labels)}, "
+              f"testing on {_describe(splits.test)}", flush=True)  # fmt: skip
     if resume is None:
         run_dir = _new_run_dir(cfg)
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -794,6 +951,7 @@ def run_training(
     model = build_model(cfg, num_classes)
     model.build((None, cfg.image_size, cfg.image_size, cfg.channels))  # BackupAndRestore needs a built model
     model.compile(optimizer=make_run_optimizer(cfg, steps_per_epoch))
+    reference_rows = _run_baselines(model, splits, cfg, run_dir) if baselines else {}
 
     done = _backup_epoch(backup_dir) if resume is not None else 0
     if done:
@@ -841,19 +999,22 @@ def run_training(
     model.save(run_dir / "model.keras")
     eval_start = time.perf_counter()
     metrics: dict[str, Any] = dict(evaluate_splits(model, splits, cfg))
-    curves = {"final model": metrics}
+    curves = {**reference_rows, **(references or {}), method_label(cfg): metrics}
     if val_callback is not None and (run_dir / "best.keras").is_file():
         best_model = keras.models.load_model(run_dir / "best.keras")
         best_metrics = dict(evaluate_splits(best_model, splits, cfg))
         best_metrics["epoch"] = None if val_callback.best_epoch is None else val_callback.best_epoch + 1
         best_metrics["val_recall@1"] = float(val_callback.best)
         metrics["best_checkpoint"] = best_metrics
-        curves["best on validation"] = best_metrics
+        curves[f"{method_label(cfg)}, best on validation"] = best_metrics
     history_rows = read_history(run_dir)
     metrics["epochs"] = len(history_rows)
     metrics["train_seconds"] = float(sum(row.get("epoch_seconds", 0.0) for row in history_rows))
     metrics["eval_seconds"] = time.perf_counter() - eval_start
-    plot_recall_at_k(curves, run_dir / "recall_at_k.png", title=f"{cfg.dataset}: Recall@k ({cfg.flow})")
+    if reference_rows:
+        metrics["baselines"] = reference_rows
+    where = "validation classes" if cfg.evaluate_on == "val" else "unseen classes"
+    plot_recall_at_k(curves, run_dir / "recall_at_k.png", title=f"{cfg.dataset}, {where}: Recall@k")
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     shutil.rmtree(backup_dir, ignore_errors=True)
     history: dict[str, list[float]] = {}

@@ -3,24 +3,32 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 
+from detreg_keras.data import load_omniglot_split
 from detreg_keras.training import (
     DATASETS,
     PRESETS,
+    DataSplits,
     TrainConfig,
+    build_model,
+    evaluate_splits,
+    format_table,
     load_run_config,
     load_splits,
     make_training_data,
+    pixel_vectors,
+    raw_pixel_metrics,
     read_history,
     resolve_config,
     run_training,
 )
-from tests.conftest import load_script
+from tests.conftest import OMNIGLOT_DIR, load_script
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,12 +56,28 @@ def tiny(tmp_path: Path, **overrides) -> TrainConfig:
 # ----------------------------------------------------------------------------- presets
 
 
-def test_digits_preset_is_the_default_config():
-    assert resolve_config("digits") == TrainConfig()
-    cfg, resume = train_script.parse_args([])
-    assert cfg == TrainConfig() and resume is None
+def test_omniglot_on_embedded_data_is_the_command_line_default():
+    command = train_script.parse_args([])
+    assert command.cfg == resolve_config("omniglot") and command.resume is None
+    assert command.baselines and not command.compare
+    cfg = command.cfg
+    assert cfg.preset == cfg.dataset == "omniglot" and cfg.data_root is None and cfg.data_dir is None
+    assert (cfg.flow, cfg.num_couplings, cfg.hidden_units, cfg.dueling) == ("realnvp", 12, 128, True)
+    assert (cfg.learning_rate, cfg.head_lr_multiplier, cfg.epochs, cfg.image_size) == (1e-3, 0.1, 15, 28)
+
+
+def test_digits_preset_is_the_config_default():
+    assert resolve_config("digits") == TrainConfig() == train_script.parse_args(["--preset", "digits"]).cfg
+    cfg = TrainConfig()
     assert (cfg.learning_rate, cfg.head_lr_multiplier, cfg.proxy_lr_multiplier) == (3e-4, 1.0, 10.0)
     assert (cfg.epochs, cfg.batch_size, cfg.embedding_dim, cfg.hidden_units, cfg.num_couplings) == (20, 64, 128, 128, 12)
+
+
+def test_compare_and_baselines_flags():
+    command = train_script.parse_args(["--compare", "--no-baselines", "--seed", "3"])
+    assert command.compare and not command.baselines and command.cfg.seed == 3
+    with pytest.raises(SystemExit):  # nothing to compare Proxy Anchor with
+        train_script.parse_args(["--compare", "--flow", "none"])
 
 
 @pytest.mark.parametrize("preset", ["cub200", "cars196", "sop", "inshop"])
@@ -83,15 +107,15 @@ def test_preset_ks_and_datasets():
 
 
 def test_flags_override_the_preset():
-    cfg, _ = train_script.parse_args(
+    cfg = train_script.parse_args(
         ["--preset", "cub200", "--batch-size", "60", "--backbone", "resnet50", "--no-dueling",
          "--ks", "1", "5", "--backbone-weights", "none", "--sampler", "m_per_class", "--dataset", "folder"]
-    )  # fmt: skip
+    ).cfg  # fmt: skip
     assert (cfg.batch_size, cfg.backbone, cfg.dueling, cfg.ks) == (60, "resnet50", False, (1, 5))
     assert cfg.backbone_weights is None and cfg.sampler == "m_per_class" and cfg.dataset == "folder"
     # everything not given keeps the preset's value
     assert (cfg.embedding_dim, cfg.epochs, cfg.learning_rate, cfg.image_size) == (512, 30, 1e-4, 224)
-    cfg, _ = train_script.parse_args(["--preset", "omniglot", "--flow", "none", "--image-size", "64"])
+    cfg = train_script.parse_args(["--preset", "omniglot", "--flow", "none", "--image-size", "64"]).cfg
     assert cfg.flow == "none" and cfg.image_size == 64 and cfg.backbone == "small_cnn"
 
 
@@ -108,11 +132,127 @@ def test_resume_takes_the_saved_config(tmp_path):
     cfg = tiny(tmp_path, seed=7)
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.json").write_text(json.dumps(cfg.to_dict()))
-    loaded, resume = train_script.parse_args(["--resume", str(tmp_path / "run"), "--verbose", "1"])
+    loaded, resume, compare, _ = train_script.parse_args(["--resume", str(tmp_path / "run"), "--verbose", "1"])
+    assert not compare
     assert resume == str(tmp_path / "run")
     assert loaded == TrainConfig.from_dict({**cfg.to_dict(), "verbose": 1})
     with pytest.raises(SystemExit):  # other flags would silently change the run
         train_script.parse_args(["--resume", str(tmp_path / "run"), "--epochs", "5"])
+    with pytest.raises(SystemExit):
+        train_script.parse_args(["--resume", str(tmp_path / "run"), "--compare"])
+
+
+# ----------------------------------------------------------------------------- data of the presets
+
+
+def test_omniglot_preset_reads_the_embedded_data():
+    splits, validation = load_splits(resolve_config("omniglot"))
+    assert validation is None
+    assert (splits.train.num_classes, len(splits.train)) == (136, 2720)
+    assert (splits.test.num_classes, len(splits.test)) == (106, 2120)
+    assert {n.split("/")[0] for n in splits.test.class_names} == {"Japanese_(katakana)", "Sanskrit", "Tagalog"}
+
+
+def test_omniglot_embedded_and_zip_records_are_the_same_images():
+    """Same classes, labels, paths and pixels whichever source the preset reads."""
+    if not (OMNIGLOT_DIR / "images_background_small1.zip").is_file():
+        pytest.skip(f"Omniglot archives not found in {OMNIGLOT_DIR}")
+    from detreg_keras.data import decode_image
+
+    embedded, _ = load_splits(resolve_config("omniglot"))
+    zipped, _ = load_splits(resolve_config("omniglot", data_root=str(OMNIGLOT_DIR)))
+    for a, b in ((embedded.train, zipped.train), (embedded.test, zipped.test)):
+        assert a.class_names == b.class_names
+        np.testing.assert_array_equal(a.labels, b.labels)
+        for i in range(0, len(a), 97):
+            np.testing.assert_array_equal(decode_image(a.data[i]).numpy(), decode_image(b.data[i]).numpy())
+
+
+@pytest.mark.parametrize(
+    ("preset", "paths", "message"),
+    [
+        ("digits", {"data_dir": "/data/omniglot"}, "digits dataset does not use --data-dir /data/omniglot"),
+        ("digits", {"data_root": "x"}, "ship with the package"),
+        ("omniglot", {"train_dir": "x"}, "does not use --train-dir"),
+        ("cub200", {"data_root": "x"}, "reads --data-dir"),
+        ("omniglot", {"data_root": "a", "data_dir": "b"}, "not both"),
+    ],
+)
+def test_a_path_the_dataset_would_ignore_is_an_error(preset, paths, message):
+    with pytest.raises(ValueError, match=message):
+        load_splits(resolve_config(preset, **paths))
+
+
+def test_the_command_line_refuses_an_ignored_path(capsys):
+    with pytest.raises(SystemExit):
+        train_script.parse_args(["--preset", "digits", "--data-dir", "/data/omniglot"])
+    assert "digits dataset does not use --data-dir /data/omniglot" in capsys.readouterr().err
+
+
+def test_omniglot_data_dir_reads_the_full_dataset(tmp_path):
+    with pytest.raises(FileNotFoundError, match="images_background.zip"):
+        load_splits(resolve_config("omniglot", data_dir=str(tmp_path)))
+
+
+# ----------------------------------------------------------------------------- baselines and table
+
+
+def _brute_force_recall_and_map(x: np.ndarray, y: np.ndarray, ks) -> dict[str, float]:
+    """Recall@k and MAP@R of all-vs-all cosine retrieval, by definition, with dense numpy."""
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    sim = x @ x.T
+    np.fill_diagonal(sim, -np.inf)
+    order = np.argsort(-sim, axis=1, kind="stable")
+    hits = y[order] == y[:, None]
+    out = {f"recall@{k}": float(hits[:, :k].any(axis=1).mean()) for k in ks}
+    r = (y[:, None] == y[None, :]).sum(axis=1) - 1
+    ap = [np.sum(h[:n] * np.cumsum(h[:n]) / np.arange(1, n + 1)) / n for h, n in zip(hits, r, strict=True)]
+    out["map@r"] = float(np.mean(ap))
+    return out
+
+
+def test_raw_pixel_row_equals_a_brute_force_computation():
+    cfg = resolve_config("omniglot", metrics=("recall", "map_at_r"))
+    splits, _ = load_splits(cfg)
+    metrics = raw_pixel_metrics(splits, cfg)
+    # independent pixels: the 105x105 arrays resized by PIL (not the tf.data pipeline), mean-centred
+    from PIL import Image
+
+    data = load_omniglot_split("test")
+    small = np.stack([np.asarray(Image.fromarray(im[..., 0]).resize((28, 28), Image.BILINEAR), np.float32)
+                      for im in data.images])  # fmt: skip
+    x = small.reshape(len(small), -1)
+    expected = _brute_force_recall_and_map(x - x.mean(axis=0), data.labels, cfg.ks)
+    # PIL's and TensorFlow's antialiased bilinear kernels differ slightly: a few queries may change
+    for key, value in expected.items():
+        assert metrics[key] == pytest.approx(value, abs=0.01), key
+    # the exact pipeline pixels: the same numbers to float precision
+    pixels, labels = pixel_vectors(splits.test, cfg)
+    exact = _brute_force_recall_and_map(pixels - pixels.mean(axis=0), labels, cfg.ks)
+    for key, value in exact.items():
+        assert metrics[key] == pytest.approx(value, abs=1e-6), key
+    assert 0.30 < metrics["recall@1"] < 0.45  # far below a trained embedding (~0.8)
+
+
+def test_raw_pixel_row_is_invariant_to_inverting_the_images():
+    cfg = resolve_config("digits", metrics=("recall",))
+    splits, _ = load_splits(cfg)
+    (x, y) = splits.test
+    inverted = DataSplits(splits.train, (255.0 - x, y))
+    a, b = raw_pixel_metrics(splits, cfg), raw_pixel_metrics(inverted, cfg)
+    for key in a:
+        assert a[key] == pytest.approx(b[key], abs=1e-9), key
+    assert raw_pixel_metrics(splits, resolve_config("cub200")) is None  # 224x224x3: no raw-pixel row
+
+
+def test_format_table():
+    rows = {"raw pixels": {"recall@1": 0.3712, "recall@2": 0.5, "map@r": 0.0701},
+            "DReg (realnvp)": {"recall@1": 0.81, "recall@2": 0.885, "map@r": 0.4684, "nmi": 0.8364}}  # fmt: skip
+    assert format_table(rows, (1, 2)).splitlines() == [
+        "method             R@1     R@2   MAP@R     NMI",
+        "raw pixels       37.12   50.00    7.01       -",
+        "DReg (realnvp)   81.00   88.50   46.84   83.64",
+    ]
 
 
 # ----------------------------------------------------------------------------- runs
@@ -245,3 +385,57 @@ def test_tfds_preset_on_mocked_cub200(tmp_path):
     assert result["metrics"]["epochs"] == 2 and "best_checkpoint" in result["metrics"]
     assert (run_dir / "checkpoint.keras").is_file() and (run_dir / "best.keras").is_file()
     assert all("val_recall@1" in row for row in read_history(run_dir))
+
+
+def test_baselines_are_the_untrained_model_and_the_pixels(tmp_path, monkeypatch):
+    from detreg_keras import training
+
+    plotted: dict = {}
+    real_plot = training.plot_recall_at_k
+
+    def spy(curves, path, **kwargs):
+        plotted.update(curves)
+        return real_plot(curves, path, **kwargs)
+
+    monkeypatch.setattr(training, "plot_recall_at_k", spy)
+    cfg = tiny(tmp_path, epochs=1, num_couplings=1, dueling=False, seed=5, run_name="b")
+    reference = {"recall@1": 0.5, "recall@2": 0.6, "recall@4": 0.7, "recall@8": 0.8}
+    result = run_training(cfg, baselines=True, references={"Proxy Anchor": reference})
+    rows = result["metrics"]["baselines"]
+    assert list(rows) == ["raw pixels", "untrained network"]
+    assert json.loads((Path(result["run_dir"]) / "baselines.json").read_text()) == rows
+    assert list(plotted) == ["raw pixels", "untrained network", "Proxy Anchor", "DReg (realnvp)"]
+    # an independent rebuild of the seed-5 model, never trained, scores the "untrained network" row
+    keras.utils.set_random_seed(cfg.seed)
+    splits, _ = load_splits(cfg)
+    model = build_model(cfg, num_classes=5)
+    model.build((None, cfg.image_size, cfg.image_size, cfg.channels))
+    untrained = evaluate_splits(model, splits, cfg, verbose=0)
+    for key, value in untrained.items():
+        assert rows["untrained network"][key] == pytest.approx(value, abs=1e-6), key
+    assert rows["raw pixels"] == pytest.approx(raw_pixel_metrics(splits, cfg))
+    assert result["metrics"]["recall@1"] != pytest.approx(untrained["recall@1"], abs=1e-9)  # training changed it
+
+
+def test_main_job_prints_the_baseline_table_with_compare(tmp_path, capsys):
+    """`scripts/train.py --compare` (default preset, embedded Omniglot) at a tiny budget."""
+    argv = ["--compare", "--subset-classes", "8", "--epochs", "1", "--batch-size", "16", "--cnn-widths", "8", "16",
+            "--embedding-dim", "8", "--num-couplings", "1", "--hidden-units", "8", "--output-dir", str(tmp_path),
+            "--run-name", "main", "--verbose", "0"]  # fmt: skip
+    assert train_script.main(argv) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("method"))
+    assert "retrieval on the unseen alphabets, 1 epochs" in lines[header - 1]
+    assert lines[header].split() == ["method", "R@1", "R@2", "R@4", "R@8", "MAP@R", "NMI"]
+    cells = [re.split(r"\s{2,}", line.strip()) for line in lines[header + 1 : header + 5]]
+    names = [row[0] for row in cells]
+    assert names == ["raw pixels", "untrained network", "Proxy Anchor", "DReg (realnvp)"]
+    dreg = json.loads((tmp_path / "main" / "metrics.json").read_text())
+    pa = json.loads((tmp_path / "main-proxy-anchor" / "metrics.json").read_text())
+    assert json.loads((tmp_path / "main-proxy-anchor" / "config.json").read_text())["flow"] == "none"
+    for row, metrics in ((cells[2], pa), (cells[3], dreg), (cells[0], dreg["baselines"]["raw pixels"])):
+        assert [float(v) for v in row[1:]] == pytest.approx(
+            [100 * metrics[k] for k in ("recall@1", "recall@2", "recall@4", "recall@8", "map@r", "nmi")], abs=0.006
+        )
+    assert (tmp_path / "main" / "recall_at_k.png").read_bytes()[:4] == b"\x89PNG"

@@ -3,7 +3,9 @@
 * :mod:`~detreg_keras.data.splits`: class-disjoint splits, contiguous label maps.
 * :mod:`~detreg_keras.data.records`: :class:`ImageRecords`, labelled encoded images.
 * :mod:`~detreg_keras.data.folders`: class-per-folder loader (directory or zip),
-  Omniglot.
+  Omniglot from its zips (small or full).
+* :mod:`~detreg_keras.data.omniglot_embedded`: the Omniglot benchmark shipped
+  with the package (:func:`load_omniglot_split`, no download).
 * :mod:`~detreg_keras.data.tfds_loaders`: CUB-200-2011, Cars196, SOP (tfds), In-shop.
 * :mod:`~detreg_keras.data.sampling`: m-per-class and random batch samplers.
 * :mod:`~detreg_keras.data.pipeline`: decoding, augmentation, tf.data pipelines.
@@ -18,6 +20,11 @@ from detreg_keras.data.folders import (
     check_image_bytes,
     load_image_folder,
     load_omniglot,
+)
+from detreg_keras.data.omniglot_embedded import (
+    OMNIGLOT_PACKAGE_DATA,
+    OmniglotArrays,
+    load_omniglot_split,
 )
 from detreg_keras.data.pipeline import (
     DecodeStats,
@@ -56,6 +63,7 @@ from detreg_keras.data.tfds_loaders import (
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "OMNIGLOT_PACKAGE_DATA",
     "OMNIGLOT_TEST_ALPHABETS",
     "ClassSplit",
     "CorruptImageWarning",
@@ -65,6 +73,7 @@ __all__ = [
     "InShopRecords",
     "LabelMap",
     "MPerClassSampler",
+    "OmniglotArrays",
     "RandomSampler",
     "carve_validation_classes",
     "check_image_bytes",
@@ -79,6 +88,7 @@ __all__ = [
     "load_image_folder",
     "load_inshop",
     "load_omniglot",
+    "load_omniglot_split",
     "load_sop",
     "m_per_class_steps",
     "make_eval_dataset",

@@ -54,6 +54,8 @@ ValidateMode = Literal["verify", "decode", "none"]
 DEFAULT_OMNIGLOT_ROOT = "../shared/data/omniglot"
 OMNIGLOT_TRAIN_ARCHIVE = "images_background_small1.zip"
 OMNIGLOT_TEST_ARCHIVE = "images_background_small2.zip"
+#: The archives of the full dataset: 964 background and 659 evaluation characters.
+OMNIGLOT_FULL_ARCHIVES: dict[str, str] = {"train": "images_background.zip", "test": "images_evaluation.zip"}
 #: Alphabets of ``images_background_small2`` used as the Omniglot test split
 #: (those that do not occur in ``images_background_small1``).
 OMNIGLOT_TEST_ALPHABETS: tuple[str, ...] = ("Japanese_(katakana)", "Sanskrit", "Tagalog")
@@ -267,14 +269,22 @@ def load_omniglot(
     split: Literal["train", "test"] = "train",
     *,
     validate: ValidateMode = "verify",
+    full: bool = False,
 ) -> ImageRecords:
-    """Omniglot (small background sets), class-disjoint, read from the zips.
+    """Omniglot, class-disjoint by alphabet, read from the zips.
+
+    The small background sets (the default; the same images as the embedded
+    benchmark, :func:`~detreg_keras.data.omniglot_embedded.load_omniglot_split`):
 
     * ``"train"``: every alphabet of ``images_background_small1.zip``
       (Balinese, Early_Aramaic, Greek, Korean, Latin): 136 classes.
     * ``"test"``: Japanese_(katakana), Sanskrit and Tagalog from
       ``images_background_small2.zip`` (its Greek and Latin repeat the training
       alphabets and are left out): 106 classes.
+
+    With ``full=True``, the full dataset's standard split: ``"train"`` is
+    ``images_background.zip`` (30 alphabets, 964 classes), ``"test"`` is
+    ``images_evaluation.zip`` (20 other alphabets, 659 classes).
 
     A class is one character of one alphabet, named ``"Alphabet/characterNN"``;
     20 binary 105x105 PNGs per class, held in memory as encoded bytes (the
@@ -285,6 +295,7 @@ def load_omniglot(
             against the current working directory).
         split: ``"train"`` or ``"test"``.
         validate: image check at listing time, see :func:`check_image_bytes`.
+        full: read the full dataset's two archives instead of the small ones.
 
     Returns:
         :class:`ImageRecords` with labels ``0..C-1`` over the split's classes.
@@ -293,21 +304,23 @@ def load_omniglot(
         FileNotFoundError: naming the expected archive when it is missing.
         ValueError: for an unknown split.
     """
-    if split == "train":
+    if split not in ("train", "test"):
+        raise ValueError(f"Omniglot split must be 'train' or 'test', got {split!r}.")
+    if full:
+        archive, keep = OMNIGLOT_FULL_ARCHIVES[split], None
+    elif split == "train":
         archive, keep = OMNIGLOT_TRAIN_ARCHIVE, None
-    elif split == "test":
+    else:
         archive = OMNIGLOT_TEST_ARCHIVE
 
         def keep(name: str) -> bool:
             return name.split("/", 1)[0] in OMNIGLOT_TEST_ALPHABETS
 
-    else:
-        raise ValueError(f"Omniglot split must be 'train' or 'test', got {split!r}.")
     path = Path(root) / archive
     if not path.is_file():
+        expected = tuple(OMNIGLOT_FULL_ARCHIVES.values()) if full else (OMNIGLOT_TRAIN_ARCHIVE, OMNIGLOT_TEST_ARCHIVE)
         raise FileNotFoundError(
             f"Omniglot archive not found: expected {path} (absolute: {path.resolve()}). "
-            f"Pass root= the folder that holds {OMNIGLOT_TRAIN_ARCHIVE} and "
-            f"{OMNIGLOT_TEST_ARCHIVE}."
+            f"Pass root= the folder that holds {expected[0]} and {expected[1]}."
         )
     return load_image_folder(path, class_depth=2, class_filter=keep, validate=validate)
