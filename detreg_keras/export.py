@@ -14,11 +14,14 @@ training-only and never reach an exported graph.
   names, image size, channels, preprocessing, embedding dimension, detreg
   version and :func:`model_hash`), and runs a parity check onnxruntime vs Keras
   before the file appears at its final path.
-* :func:`export_saved_model` writes ``BASE/NAME/VERSION/`` for TF Serving with a
-  ``serving_default`` signature taking encoded images (``tf.string [None]``:
-  JPEG/PNG/BMP/GIF bytes, decoded, converted to RGB and resized in the graph)
-  and a ``serving_pixels`` signature taking float pixels ``[None, H, W, C]``;
-  both return ``{"embeddings": float32 [None, D]}``.
+* :func:`export_saved_model` writes ``BASE/NAME/VERSION/`` for TF Serving with
+  ``keras.export.ExportArchive``: a ``serving_default`` signature taking encoded
+  images (``tf.string [None]``: JPEG/PNG/BMP/GIF/WebP bytes, decoded by
+  :func:`decode_image_tensor` and resized in the graph) and a ``serving_pixels``
+  signature taking float pixels ``[None, H, W, C]``; both return
+  ``{"embeddings": float32 [None, D]}``. Before the version appears, both are
+  restored as TF Serving restores them (:func:`session_predict`, a TF1 session)
+  and compared with Keras (:func:`check_saved_model_parity`).
 
 Neither function overwrites an existing output unless ``overwrite=True``.
 """
@@ -98,6 +101,8 @@ def load_model(model_or_path: keras.Model | str | os.PathLike) -> keras.Model:
 
     Raises:
         FileNotFoundError: the path (or ``RUN_DIR/model.keras``) does not exist.
+        ValueError: the file is not a complete ``.keras`` archive (truncated,
+            corrupt, no ``config.json``...; :func:`detreg_keras.model.load_model`).
         TypeError: ``model_or_path`` is neither a model nor a path.
     """
     if isinstance(model_or_path, keras.Model):
@@ -114,9 +119,9 @@ def load_model(model_or_path: keras.Model | str | os.PathLike) -> keras.Model:
         path = candidate
     if not path.is_file():
         raise FileNotFoundError(f"No such model file: {path}")
-    import detreg_keras  # noqa: F401, PLC0415  (registers the custom objects)
+    from detreg_keras.model import load_model as load_keras_file  # noqa: PLC0415  (registers the custom objects)
 
-    return keras.models.load_model(path, compile=False)
+    return load_keras_file(path, compile=False)
 
 
 def image_shape(model: keras.Model) -> tuple[int, int, int]:
@@ -408,53 +413,107 @@ def onnx_op_counts(path_or_proto) -> dict[str, int]:
 
 
 # -------------------------------------------------------------- SavedModel
-class _ServingModule(tf.Module):
-    """The tf.Module saved for TF Serving: exposes two signatures over the inference layers.
+def serving_archive(model: keras.Model, shape: tuple[int, int, int]) -> keras.export.ExportArchive:
+    """A ``keras.export.ExportArchive`` with the two TF Serving signatures over the inference layers.
 
-    For a DRegModel only the layers of the inference path (backbone, embedding,
-    head 1) are tracked, so the SavedModel holds no head 2, proxies or optimizer
-    state; any other model is tracked whole.
+    ``ExportArchive`` saves the ``tf.Variable`` handles the endpoint graphs
+    capture, so TF1-style session loaders (TF Serving's ``SavedModelBundle``,
+    ``saved_model_cli run``) restore all of them; with ``tf.saved_model.save`` of
+    a module tracking the Keras 3 layers, many of the captured handles were
+    never restored there ("Could not find variable ...", keras#20095). No layer
+    is tracked on top (``track`` saves every variable a second time, through its
+    ``keras.Variable`` wrapper), so the SavedModel holds exactly the inference
+    weights, once: no head 2, proxies or optimizer state.
     """
+    height, width, channels = shape
+    pixel_spec = tf.TensorSpec([None, height, width, channels], tf.float32, name=INPUT_NAME)
+    bytes_spec = tf.TensorSpec([None], tf.string, name=INPUT_NAME)
 
-    def __init__(self, model: keras.Model, shape: tuple[int, int, int]):
-        super().__init__(name="detreg_serving")
-        if hasattr(model, "backbone") and hasattr(model, "embedding") and hasattr(model, "flow_min"):
-            self.inference_layers = [model.backbone, model.embedding] + (
-                [model.flow_min] if model.flow_min is not None else []
-            )
-        else:
-            self.inference_layers = [model]
-        height, width, channels = shape
-        pixel_spec = tf.TensorSpec([None, height, width, channels], tf.float32, name=INPUT_NAME)
+    def serve_pixels(images):
+        return {OUTPUT_NAME: tf.cast(model(images, training=False), tf.float32)}
 
-        @tf.function(input_signature=[pixel_spec])
-        def serve_pixels(images):
-            return {OUTPUT_NAME: tf.cast(model(images, training=False), tf.float32)}
+    def serve_bytes(images):
+        return serve_pixels(decode_images(images, shape))
 
-        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_NAME)])
-        def serve_bytes(images):
-            return serve_pixels(decode_images(images, shape))
+    archive = keras.export.ExportArchive()  # tracks exactly the variables the endpoints read
+    archive.add_endpoint(BYTES_SIGNATURE, serve_bytes, input_signature=[bytes_spec])
+    archive.add_endpoint(PIXELS_SIGNATURE, serve_pixels, input_signature=[pixel_spec])
+    return archive
 
-        self.serve_pixels = serve_pixels
-        self.serve_bytes = serve_bytes
+
+#: ``tf.image.rgb_to_grayscale``'s weights (ITU-R 601-2 luma), applied after the resize.
+GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)
+
+
+def _resize(image: tf.Tensor, height: int, width: int) -> tf.Tensor:
+    # uint8 in, float32 out: bit-identical to resizing a float32 copy, without that
+    # copy (4 bytes per pixel and channel) of a possibly large image.
+    image = tf.image.resize(image, [height, width], method="bilinear", antialias=True)
+    return tf.clip_by_value(image, 0.0, 255.0)
+
+
+def _resize_gray(image: tf.Tensor, height: int, width: int) -> tf.Tensor:
+    """A decoded ``[h, w, 1-4]`` uint8 image (native channels) to float32 ``[H, W, 1]`` gray."""
+    image.set_shape([None, None, None])
+
+    def from_gray() -> tf.Tensor:
+        return _resize(image[..., :1], height, width)  # gray or gray + alpha: exact, no conversion
+
+    def from_rgb() -> tf.Tensor:
+        rgb = image[..., :3]  # alpha dropped
+        rgb.set_shape([None, None, 3])
+        resized = _resize(rgb, height, width)
+        return tf.reduce_sum(resized * tf.constant(GRAY_WEIGHTS, tf.float32), axis=-1, keepdims=True)
+
+    gray = tf.cond(tf.shape(image)[-1] < 3, from_gray, from_rgb)
+    gray.set_shape([height, width, 1])
+    return gray
+
+
+def decode_image_tensor(data: tf.Tensor, shape: tuple[int, int, int]) -> tf.Tensor:
+    """Decode one encoded image (``tf.string`` scalar) to float32 ``[H, W, C]`` raw pixels in [0, 255].
+
+    The one decoder of the package for encoded images: the SavedModel's
+    ``serving_default`` signature runs it in the graph, and
+    :func:`detreg_keras.retrieval.load_image` (the :class:`~detreg_keras.retrieval.Embedder`,
+    the HTTP service, the index CLI, ``serving/client.py --pixels``) runs the
+    same function, so an image file gives the same pixels everywhere. It decodes
+    like the training pipeline (:func:`detreg_keras.data.pipeline.decode_image`):
+    ``tf.io.decode_image(dtype=uint8)`` (JPEG/PNG/BMP/GIF/WebP, first frame;
+    16-bit scaled to 8 bits, not clipped; alpha dropped without compositing),
+    RGB for ``C == 3`` (gray replicated), then an antialiased bilinear resize to
+    ``(H, W)``. For ``C == 1`` a gray image stays as it is and a color one is
+    resized, then weighted with ``tf.image.rgb_to_grayscale``'s luma weights.
+    Memory: about 3 bytes per decoded pixel (the uint8 image), which is what
+    ``max_pixels`` caps in the HTTP service.
+
+    Args:
+        data: a scalar ``tf.string`` with the file content.
+        shape: ``(H, W, C)`` of the result, ``C`` 1 or 3.
+
+    Raises:
+        ValueError: ``C`` is not 1 or 3.
+        tf.errors.InvalidArgumentError: undecodable data (at run time).
+    """
+    height, width, channels = shape
+    if channels not in (1, 3):
+        raise ValueError(f"Encoded images can feed 1- or 3-channel models only, this one has {channels} channels.")
+    if channels == 3:
+        image = tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False)
+        image.set_shape([None, None, 3])
+        return _resize(image, height, width)
+    native = tf.io.decode_image(data, channels=0, dtype=tf.uint8, expand_animations=False)
+    return _resize_gray(native, height, width)
 
 
 def decode_images(encoded: tf.Tensor, shape: tuple[int, int, int]) -> tf.Tensor:
-    """Decode a ``tf.string [B]`` batch of JPEG/PNG/BMP/GIF bytes to float32 ``[B, H, W, C]`` in [0, 255].
-
-    Images are converted to RGB (or grayscale for ``C == 1``; alpha dropped, first
-    GIF frame) and resized with antialiased bilinear interpolation, as
-    :class:`detreg_keras.retrieval.Embedder` does with PIL for image files.
-    """
+    """Decode a ``tf.string [B]`` batch with :func:`decode_image_tensor` to float32 ``[B, H, W, C]``."""
     height, width, channels = shape
-
-    def one(data):
-        image = tf.io.decode_image(data, channels=channels, expand_animations=False, dtype=tf.uint8)
-        image.set_shape([None, None, channels])
-        image = tf.image.resize(tf.cast(image, tf.float32), [height, width], method="bilinear", antialias=True)
-        return tf.clip_by_value(image, 0.0, 255.0)
-
-    return tf.map_fn(one, encoded, fn_output_signature=tf.TensorSpec([height, width, channels], tf.float32))
+    return tf.map_fn(
+        lambda data: decode_image_tensor(data, shape),
+        encoded,
+        fn_output_signature=tf.TensorSpec([height, width, channels], tf.float32),
+    )
 
 
 def export_saved_model(
@@ -496,11 +555,7 @@ def export_saved_model(
     shape = image_shape(model)
     _ensure_built(model, shape)
 
-    module = _ServingModule(model, shape)
-    signatures = {
-        BYTES_SIGNATURE: module.serve_bytes.get_concrete_function(),
-        PIXELS_SIGNATURE: module.serve_pixels.get_concrete_function(),
-    }
+    archive = serving_archive(model, shape)
     meta = export_metadata(model)
     meta["signatures"] = f"{BYTES_SIGNATURE} (tf.string images), {PIXELS_SIGNATURE} (float32 images)"
 
@@ -508,7 +563,7 @@ def export_saved_model(
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=model_dir))
     try:
         os.chmod(tmp, 0o755)  # mkdtemp creates 0700; the server may run as another user
-        tf.saved_model.save(module, str(tmp), signatures=signatures)
+        archive.write_out(str(tmp), verbose=False)
         extra = tmp / "assets.extra"
         extra.mkdir(exist_ok=True)
         (extra / METADATA_FILENAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
@@ -524,22 +579,98 @@ def export_saved_model(
     return ExportResult(target, meta["model_hash"], max_diff, meta)
 
 
-def check_saved_model_parity(
-    model: keras.Model, saved_model_dir: str | os.PathLike, batch: int = 3, atol: float = PARITY_ATOL
-) -> float:
-    """Load the SavedModel and compare its ``serving_pixels`` signature with Keras.
+def session_predict(
+    version_dir: str | os.PathLike, requests: Sequence[tuple[str, np.ndarray]]
+) -> list[np.ndarray]:
+    """Run signatures of a SavedModel the way TF Serving does: restored into a TF1 session.
+
+    TF Serving (``SavedModelBundle``), ``saved_model_cli run`` and
+    ``tf.compat.v1.saved_model.loader.load`` restore the graph and its variables
+    into a session, which fails on variables ``tf.saved_model.load`` never
+    misses; this is the loader a served model has to pass.
+
+    Args:
+        version_dir: the SavedModel folder (``BASE/NAME/VERSION``).
+        requests: ``(signature name, input array)`` pairs (``images`` input).
+
+    Returns:
+        The ``embeddings`` output of each request, as float32 arrays.
 
     Raises:
-        ParityError: difference above ``atol``.
+        KeyError: a signature is not in the SavedModel.
+        tf.errors.OpError: the session cannot run the graph (e.g. unrestored variables).
     """
-    loaded = tf.saved_model.load(str(saved_model_dir))
-    images = sample_images(batch, image_shape(model), seed=1)
-    got = loaded.signatures[PIXELS_SIGNATURE](**{INPUT_NAME: tf.constant(images)})[OUTPUT_NAME].numpy()
-    expected = keras.ops.convert_to_numpy(model(images, training=False))
-    diff = float(np.max(np.abs(got - expected)))
-    if not diff <= atol:
-        raise ParityError(f"SavedModel and Keras embeddings differ by {diff:.3g} > {atol:g}.")
-    return diff
+    v1 = tf.compat.v1
+    graph = tf.Graph()
+    outputs = []
+    logger = tf.get_logger()
+    level = logger.level
+    with graph.as_default(), v1.Session(graph=graph) as session:
+        logger.setLevel("ERROR")  # loader.load's deprecation notice: it is the loader TF Serving uses
+        try:
+            meta_graph = v1.saved_model.loader.load(session, [tf.saved_model.SERVING], str(version_dir))
+        finally:
+            logger.setLevel(level)
+        for name, array in requests:
+            if name not in meta_graph.signature_def:
+                raise KeyError(f"No signature {name!r} in {version_dir}; it has {sorted(meta_graph.signature_def)}.")
+            signature = meta_graph.signature_def[name]
+            feed = {signature.inputs[INPUT_NAME].name: array}
+            outputs.append(np.asarray(session.run(signature.outputs[OUTPUT_NAME].name, feed), np.float32))
+    return outputs
+
+
+def _encode_png(pixels: np.ndarray) -> np.ndarray:
+    """A ``[B]`` object array of PNG bytes of uint8 ``[B, H, W, C]`` pixels (lossless: same pixels decoded)."""
+    return np.array([tf.io.encode_png(image).numpy() for image in pixels], dtype=object)
+
+
+def check_saved_model_parity(
+    model: keras.Model,
+    saved_model_dir: str | os.PathLike,
+    batch_sizes: Sequence[int] = (1, 3),
+    atol: float = PARITY_ATOL,
+    signatures: Sequence[str] = (PIXELS_SIGNATURE, BYTES_SIGNATURE),
+) -> float:
+    """Compare both signatures, restored as TF Serving restores them (:func:`session_predict`), with Keras.
+
+    ``serving_pixels`` gets float pixels, ``serving_default`` PNG encodings of the
+    same (integer) pixels at the model's size, so both must reproduce the Keras
+    embeddings; each batch size in ``batch_sizes`` is checked, for each of ``signatures``.
+
+    Returns:
+        The largest absolute difference observed.
+
+    Raises:
+        ParityError: a difference above ``atol``, a wrong output shape, or the
+            session loader cannot run the SavedModel.
+    """
+    shape = image_shape(model)
+    batches = [np.round(sample_images(b, shape, seed=i + 1)) for i, b in enumerate(batch_sizes)]
+    requests, inputs = [], []
+    for name in signatures:
+        for x in batches:
+            requests.append((name, _encode_png(x.astype(np.uint8)) if name == BYTES_SIGNATURE else x))
+            inputs.append(x)
+    try:
+        outputs = session_predict(saved_model_dir, requests)
+    except tf.errors.OpError as err:
+        raise ParityError(
+            f"The SavedModel fails under the TF1 session loader TF Serving uses: {type(err).__name__}: "
+            f"{err.message.strip().splitlines()[0]}"
+        ) from err
+    worst = 0.0
+    for (name, _), got, x in zip(requests, outputs, inputs):
+        expected = keras.ops.convert_to_numpy(model(x, training=False)).astype(np.float32)
+        if got.shape != expected.shape:
+            raise ParityError(f"SavedModel {name} output shape {got.shape} != Keras output shape {expected.shape}.")
+        diff = float(np.max(np.abs(got - expected)))
+        if not diff <= atol:
+            raise ParityError(
+                f"SavedModel {name} and Keras embeddings differ by {diff:.3g} > {atol:g} at batch size {len(x)}."
+            )
+        worst = max(worst, diff)
+    return worst
 
 
 def read_saved_model_metadata(version_dir: str | os.PathLike) -> dict[str, Any]:
@@ -558,6 +689,7 @@ __all__ = [
     "ParityError",
     "check_onnx_parity",
     "check_saved_model_parity",
+    "decode_image_tensor",
     "decode_images",
     "export_metadata",
     "export_onnx",
@@ -571,4 +703,6 @@ __all__ = [
     "read_onnx_metadata",
     "read_saved_model_metadata",
     "sample_images",
+    "serving_archive",
+    "session_predict",
 ]

@@ -3,16 +3,18 @@
 * :class:`Embedder` runs the ONNX file written by :func:`detreg_keras.export.export_onnx`
   with onnxruntime (CUDA when ``onnxruntime-gpu`` is installed, else CPU; all
   graph optimisations on) in batches. It takes NHWC ``uint8``/float arrays of
-  raw pixels or image files / encoded bytes (decoded with PIL, converted to RGB,
-  resized to the model's size) and returns float32 L2-normalised embeddings.
+  raw pixels or image files / encoded bytes (decoded by :func:`load_image` with
+  the SavedModel's own TF decoder, converted to RGB or grayscale, resized to
+  the model's size) and returns float32 L2-normalised embeddings.
 * :class:`EmbeddingIndex` stores embeddings with their ids and labels in a faiss
   index: exact inner product (``"flat"``, ``IndexFlatIP``) or approximate
   (``"ivf"``: IVF-Flat with ``nlist``/``nprobe``; ``"hnsw"``: HNSW with
   ``M``/``ef_search``). Embeddings are unit vectors, so inner product is cosine
   similarity. ``save``/``load`` use faiss's own ``write_index``/``read_index``,
   ``.npy`` arrays loaded with ``allow_pickle=False`` and a JSON metadata file —
-  no pickle anywhere; ``load`` refuses an index built by another model (model
-  hash) or of another dimension.
+  no pickle anywhere; the metadata stores the sha256 of each file, and ``load``
+  refuses files that changed since ``save``, an index built by another model
+  (model hash) or of another dimension.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import os
 import platform
 import shutil
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -36,7 +39,7 @@ import numpy as np
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 INDEX_FORMAT = "detreg-embedding-index"
-INDEX_FORMAT_VERSION = 1
+INDEX_FORMAT_VERSION = 2  # 2: sha256 checksums of the files in the metadata
 INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.npy"
 LABELS_FILE = "labels.npy"
@@ -57,8 +60,85 @@ def _file_sha256(path: Path, chunk: int = 1 << 20) -> str:
 
 
 # ------------------------------------------------------------------ images
-class _TooManyPixels(Exception):
-    pass
+_DECODERS: dict[tuple[int, int, int], Any] = {}
+_DECODERS_LOCK = threading.Lock()
+
+
+def _decoder(shape: tuple[int, int, int]):
+    """The traced :func:`detreg_keras.export.decode_image_tensor` for ``shape`` (traced once per shape)."""
+    with _DECODERS_LOCK:
+        if shape not in _DECODERS:
+            import tensorflow as tf  # noqa: PLC0415
+
+            from detreg_keras.export import decode_image_tensor  # noqa: PLC0415
+
+            function = tf.function(
+                lambda data: decode_image_tensor(data, shape), input_signature=[tf.TensorSpec([], tf.string)]
+            )
+            _DECODERS[shape] = function.get_concrete_function()  # calling it directly skips the dispatch
+        return _DECODERS[shape]
+
+
+def _read_source(source: str | os.PathLike | bytes | io.IOBase, name: str) -> bytes:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source)
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            return Path(source).read_bytes()
+        except FileNotFoundError as err:
+            raise ValueError(f"Image file not found: {name}") from err
+        except OSError as err:
+            raise ValueError(f"Cannot read image {name}: {err}") from err
+    if hasattr(source, "read"):
+        return bytes(source.read())
+    raise ValueError(f"Cannot read an image from an object of type {type(source).__name__}.")  # noqa: TRY004
+
+
+def image_header_size(data: bytes, name: str = "<bytes>") -> tuple[int, int]:
+    """``(width, height)`` from the header of encoded image bytes, without decoding the pixels.
+
+    Raises:
+        ValueError: the bytes are not an image PIL can identify.
+    """
+    from PIL import Image  # noqa: PLC0415
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return int(image.width), int(image.height)
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as err:
+        raise ValueError(f"Cannot decode image {name}: {type(err).__name__}: {err}") from err
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: PNG colour types PIL and TensorFlow decode to the same 8-bit pixels: 0 gray, 2 RGB, 3 palette, 4 gray+alpha, 6 RGBA.
+_PNG_SAME_PIXELS = {3: (0, 2, 3, 4, 6), 1: (0, 4)}  # model channels -> colour types (1 channel: gray ones only)
+
+
+def _png_needs_no_tf(data: bytes, size: tuple[int, int], channels: int) -> bool:
+    """Whether PIL gives exactly :func:`~detreg_keras.export.decode_image_tensor`'s pixels for ``data``.
+
+    True for an 8-bit PNG already at the model's size (TF's resize to the same
+    size is the identity) whose colour type converts alike in both libraries
+    (any for RGB models; gray and gray+alpha for 1-channel models, where TF's
+    colour-to-gray weights would differ from PIL's). Tested bit for bit
+    (``tests/test_export.py``); everything else goes through TensorFlow.
+    """
+    if len(data) < 33 or not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR":
+        return False
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    bit_depth, colour_type = data[24], data[25]
+    return (height, width) == tuple(size) and bit_depth == 8 and colour_type in _PNG_SAME_PIXELS[channels]
+
+
+def _pil_pixels(data: bytes, channels: int, name: str) -> np.ndarray:
+    from PIL import Image  # noqa: PLC0415
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            array = np.asarray(image.convert("RGB" if channels == 3 else "L"), dtype=np.float32)
+    except (OSError, ValueError, SyntaxError) as err:
+        raise ValueError(f"Cannot decode image {name}: {type(err).__name__}: {err}") from err
+    return array if array.ndim == 3 else array[..., None]
 
 
 def load_image(
@@ -69,46 +149,44 @@ def load_image(
 ) -> np.ndarray:
     """Decode an image file or encoded bytes to float32 ``[H, W, C]`` raw pixels in [0, 255].
 
-    The image is converted to RGB (``channels=3``, alpha dropped) or grayscale
-    (``channels=1``), and resized to ``size = (H, W)`` with PIL's bilinear filter
-    (antialiased when shrinking, like the SavedModel's ``serving_default``). EXIF
-    orientation is not applied (neither does ``tf.io.decode_image``).
+    Runs :func:`detreg_keras.export.decode_image_tensor`, the decoder of the
+    SavedModel's ``serving_default`` signature and of the training pipeline, so
+    the same file gives the same pixels here, in TF Serving and in training
+    (e.g. a 16-bit PNG is scaled to 8 bits, not clipped). Only 8-bit PNGs
+    already at the model's size, for which PIL's pixels are provably the same
+    (see ``_png_needs_no_tf``), are read with PIL, 15x faster. JPEG/PNG/BMP/GIF/WebP;
+    RGB (``channels=3``, alpha dropped) or grayscale (``channels=1``), resized to
+    ``size = (H, W)`` with an antialiased bilinear filter. EXIF orientation is
+    not applied.
 
     Args:
         source: a path, encoded bytes or a binary file object.
         size: ``(H, W)`` of the result.
         channels: 3 (RGB) or 1 (grayscale).
-        max_pixels: refuse images larger than this (width × height) before decoding them.
+        max_pixels: refuse images larger than this (width × height), read from
+            the header before any pixel is decoded.
 
     Raises:
         ValueError: the source cannot be read or decoded, is larger than
             ``max_pixels``, or ``channels`` is not 1 or 3.
     """
-    from PIL import Image  # noqa: PLC0415
-
     if channels not in (1, 3):
         raise ValueError(f"Only 1- or 3-channel models can take image files, this one has {channels} channels.")
     name = "<bytes>" if isinstance(source, (bytes, bytearray, memoryview)) else str(source)
+    data = _read_source(source, name)
+    width, height = image_header_size(data, name)
+    if max_pixels is not None and width * height > max_pixels:
+        raise ValueError(f"Image {name} is too large: {width}x{height} exceeds the limit of {max_pixels} pixels.")
+    shape = (int(size[0]), int(size[1]), int(channels))
+    if _png_needs_no_tf(data, shape[:2], channels):
+        return _pil_pixels(data, channels, name)
+    import tensorflow as tf  # noqa: PLC0415
+
     try:
-        handle = io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray, memoryview)) else source
-        with Image.open(handle) as image:
-            if max_pixels is not None and image.width * image.height > max_pixels:
-                raise _TooManyPixels(f"{image.width}x{image.height} exceeds the limit of {max_pixels} pixels")
-            image.seek(0)  # first frame of an animation
-            image = image.convert("RGB" if channels == 3 else "L")
-            height, width = int(size[0]), int(size[1])
-            if image.size != (width, height):
-                image = image.resize((width, height), Image.Resampling.BILINEAR)
-            array = np.asarray(image, dtype=np.float32)
-    except FileNotFoundError as err:
-        raise ValueError(f"Image file not found: {name}") from err
-    except _TooManyPixels as err:
-        raise ValueError(f"Image {name} is too large: {err}.") from err
-    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as err:
-        raise ValueError(f"Cannot decode image {name}: {type(err).__name__}: {err}") from err
-    if array.ndim == 2:
-        array = array[..., None]
-    return array
+        return _decoder(shape)(tf.constant(data)).numpy()
+    except tf.errors.InvalidArgumentError as err:
+        detail = (err.message or str(err)).strip().splitlines()[0]
+        raise ValueError(f"Cannot decode image {name}: {detail}") from err
 
 
 def list_image_folder(
@@ -166,6 +244,22 @@ def _hardware_tag() -> str:
     return hashlib.sha256(info.encode()).hexdigest()[:10]
 
 
+def _not_onnx_error(path: Path, err: Exception) -> ValueError:
+    """A one-line ``ValueError`` for a file onnxruntime cannot load, naming the likely mix-up."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith(b"PK"):  # a zip: a .keras archive (or a SavedModel zipped)
+        return ValueError(
+            f"{path} is a zip archive (a .keras model?), not an ONNX model: export it first with "
+            f"scripts/export_onnx.py {path} --output model.onnx, and pass model.onnx."
+        )
+    detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ValueError(
+        f"{path} is not an ONNX model onnxruntime can load ({detail}); "
+        "export one with scripts/export_onnx.py RUN_DIR --output model.onnx."
+    )
+
+
 class Embedder:
     """Batched onnxruntime embeddings of an ONNX file exported by :func:`detreg_keras.export.export_onnx`.
 
@@ -186,6 +280,13 @@ class Embedder:
         image_size: ``(H, W)``; ``channels``; ``embedding_dim``; ``model_hash``
         (from the ONNX metadata, else ``"onnx-sha256:<file hash>"``); ``metadata``
         (the ONNX ``metadata_props``); ``providers`` (those in use).
+
+    Raises:
+        FileNotFoundError: ``onnx_path`` does not exist.
+        ValueError: the file is not an ONNX model onnxruntime can load (e.g. a
+            ``.keras`` archive: the message says to run ``scripts/export_onnx.py``),
+            or it is not an NHWC float32 image model; bad ``batch_size`` /
+            ``graph_optimization_level``.
     """
 
     def __init__(
@@ -247,13 +348,16 @@ class Embedder:
         self.optimized_model_path = cache_path
         try:
             self.session = ort.InferenceSession(str(model_file), options, providers=providers)
-        except Exception:  # noqa: BLE001  (a stale or corrupt cache file: rebuild it from the source model)
+        except Exception as err:  # noqa: BLE001  (a stale or corrupt cache file: rebuild it from the source model)
             if model_file == self.onnx_path:
-                raise
+                raise _not_onnx_error(self.onnx_path, err) from err
             cache_path.unlink(missing_ok=True)
             cache_tmp = cache_path.with_name(f".{cache_path.name}.{os.getpid()}.tmp")
             options.optimized_model_filepath = str(cache_tmp)
-            self.session = ort.InferenceSession(str(self.onnx_path), options, providers=providers)
+            try:
+                self.session = ort.InferenceSession(str(self.onnx_path), options, providers=providers)
+            except Exception as source_err:  # noqa: BLE001
+                raise _not_onnx_error(self.onnx_path, source_err) from source_err
         if cache_tmp is not None and cache_tmp.exists():
             os.replace(cache_tmp, cache_path)
 
@@ -450,6 +554,67 @@ def _as_column(values, n: int, what: str) -> np.ndarray:
 
 def _missing_value(array: np.ndarray):
     return "" if array.dtype.kind == "U" else -1
+
+
+def _read_index_metadata(directory: Path) -> dict[str, Any]:
+    """The parsed ``metadata.json`` of an index folder, checked to be a detreg index this code can read."""
+    meta_path = directory / METADATA_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{directory} is not an index folder (no {METADATA_FILE}).")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{meta_path} is not valid JSON ({err}); rebuild the index.") from err
+    if not isinstance(meta, dict) or meta.get("format") != INDEX_FORMAT:
+        raise ValueError(f"{meta_path} is not a {INDEX_FORMAT} metadata file.")
+    if int(meta.get("format_version", -1)) > INDEX_FORMAT_VERSION:
+        raise ValueError(f"{directory} has index format version {meta['format_version']}; this code reads "
+                         f"<= {INDEX_FORMAT_VERSION}. Upgrade detreg-keras.")
+    return meta
+
+
+def _index_member(directory: Path, name: Any, role: str) -> Path:
+    """``directory / name`` for a file named in the metadata, refusing any path that leaves the folder."""
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+        raise ValueError(
+            f"{directory / METADATA_FILE}: files.{role} must be a plain file name inside the index folder, "
+            f"got {name!r}."
+        )
+    path = directory / name
+    if path.is_symlink() or path.resolve().parent != directory.resolve():
+        raise ValueError(f"{directory / METADATA_FILE}: files.{role} {name!r} points outside the index folder.")
+    if not path.is_file():
+        raise FileNotFoundError(f"Index {directory} lacks its {role} file {name!r}; rebuild the index.")
+    return path
+
+
+def _verify_checksums(directory: Path, meta: dict[str, Any], paths: Sequence[Path]) -> None:
+    """Compare each file with the sha256 stored at save time (format 2); warn for format-1 indexes without any."""
+    checksums = meta.get("checksums")
+    if not checksums:
+        warnings.warn(
+            f"Index {directory} has no checksums (format version {meta.get('format_version')}): a replaced or "
+            "reordered index.faiss / ids.npy cannot be detected. Rebuild it with this version to add them.",
+            UserWarning,
+            stacklevel=3,
+        )
+        return
+    for path in paths:
+        expected = checksums.get(path.name)
+        if expected is None:
+            raise ValueError(f"{directory / METADATA_FILE} has no checksum for {path.name}; rebuild the index.")
+        if _file_sha256(path) != expected:
+            raise ValueError(
+                f"{path} does not match the checksum in {METADATA_FILE}: the file was modified, replaced or "
+                "truncated after the index was saved. Rebuild the index (scripts/detreg_index.py build)."
+            )
+
+
+def _load_array(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        raise ValueError(f"{path} is not a readable .npy array (truncated, corrupt or pickled): {err}") from err
 
 
 class EmbeddingIndex:
@@ -654,7 +819,8 @@ class EmbeddingIndex:
         return ids, labels, scores.astype(np.float32, copy=False)
 
     # ------------------------------------------------------------ save/load
-    def metadata(self) -> dict[str, Any]:
+    def metadata(self, checksums: dict[str, str] | None = None) -> dict[str, Any]:
+        """The ``metadata.json`` content; ``checksums`` maps each written file name to its sha256."""
         import faiss  # noqa: PLC0415
 
         return {
@@ -672,6 +838,7 @@ class EmbeddingIndex:
             "faiss_version": faiss.__version__,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "files": {"index": INDEX_FILE, "ids": IDS_FILE, "labels": LABELS_FILE if self.labels is not None else None},
+            "checksums": dict(checksums or {}),
             "extra": self.extra,
         }
 
@@ -699,7 +866,8 @@ class EmbeddingIndex:
             np.save(tmp / IDS_FILE, self.ids, allow_pickle=False)
             if self.labels is not None:
                 np.save(tmp / LABELS_FILE, self.labels, allow_pickle=False)
-            (tmp / METADATA_FILE).write_text(json.dumps(self.metadata(), indent=2, sort_keys=True))
+            checksums = {f.name: _file_sha256(f) for f in sorted(tmp.iterdir())}
+            (tmp / METADATA_FILE).write_text(json.dumps(self.metadata(checksums), indent=2, sort_keys=True))
             if directory.exists():
                 if directory.is_dir():
                     shutil.rmtree(directory)
@@ -723,27 +891,35 @@ class EmbeddingIndex:
         Args:
             directory: the index folder.
             expected_model_hash: refuse the index unless it was built from this
-                model's embeddings (:attr:`Embedder.model_hash`).
+                model's embeddings (:attr:`Embedder.model_hash`); without it the
+                index loads with a ``UserWarning`` (nothing ties it to the query model).
             expected_dimension: refuse the index unless it has this dimension.
+
+        Every file is checked against the sha256 stored in ``metadata.json`` at
+        save time (a replaced, reordered or truncated ``index.faiss`` /
+        ``ids.npy`` / ``labels.npy`` is refused); format-1 indexes, written
+        before checksums existed, load with a ``UserWarning``. File names in the
+        metadata must be plain names inside ``directory``.
 
         Raises:
             FileNotFoundError: missing folder or files.
-            ValueError: not a detreg index, inconsistent files, model hash or dimension mismatch.
+            ValueError: not a detreg index, a checksum mismatch, unreadable or
+                inconsistent files, a file outside the folder, model hash or dimension mismatch.
         """
         import faiss  # noqa: PLC0415
 
         directory = Path(directory)
-        meta_path = directory / METADATA_FILE
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"{directory} is not an index folder (no {METADATA_FILE}).")
-        meta = json.loads(meta_path.read_text())
-        if not isinstance(meta, dict) or meta.get("format") != INDEX_FORMAT:
-            raise ValueError(f"{meta_path} is not a {INDEX_FORMAT} metadata file.")
-        if int(meta.get("format_version", -1)) > INDEX_FORMAT_VERSION:
-            raise ValueError(f"{directory} has index format version {meta['format_version']}; this code reads "
-                             f"<= {INDEX_FORMAT_VERSION}. Upgrade detreg-keras.")
+        meta = _read_index_metadata(directory)
         stored_hash = meta.get("model_hash")
-        if expected_model_hash is not None and stored_hash != expected_model_hash:
+        if expected_model_hash is None:
+            warnings.warn(
+                f"EmbeddingIndex.load({str(directory)!r}) without expected_model_hash: the index (model "
+                f"{stored_hash!r}) is not checked against the model that embeds the queries, and an index of "
+                "another model returns meaningless neighbours. Pass expected_model_hash=embedder.model_hash.",
+                UserWarning,
+                stacklevel=2,
+            )
+        elif stored_hash != expected_model_hash:
             raise ValueError(
                 f"Index {directory} was built with embeddings of model {stored_hash!r}, not of the model in use "
                 f"({expected_model_hash!r}); its similarities would be meaningless. Rebuild the index with this model."
@@ -755,11 +931,19 @@ class EmbeddingIndex:
             )
         kind = meta.get("kind")
         if kind not in INDEX_KINDS:
-            raise ValueError(f"{meta_path}: unknown index kind {kind!r}.")
-        index = faiss.read_index(str(directory / INDEX_FILE))
-        ids = np.load(directory / IDS_FILE, allow_pickle=False)
-        labels_file = (meta.get("files") or {}).get("labels")
-        labels = np.load(directory / labels_file, allow_pickle=False) if labels_file else None
+            raise ValueError(f"{directory / METADATA_FILE}: unknown index kind {kind!r}.")
+        files = meta.get("files") or {}
+        index_path = _index_member(directory, files.get("index", INDEX_FILE), "index")
+        ids_path = _index_member(directory, files.get("ids", IDS_FILE), "ids")
+        labels_path = _index_member(directory, files["labels"], "labels") if files.get("labels") else None
+        _verify_checksums(directory, meta, [p for p in (index_path, ids_path, labels_path) if p is not None])
+        try:
+            index = faiss.read_index(str(index_path))
+        except RuntimeError as err:
+            detail = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            raise ValueError(f"{index_path} is not a readable faiss index (truncated or corrupt?): {detail}") from err
+        ids = _load_array(ids_path)
+        labels = _load_array(labels_path) if labels_path is not None else None
         count = int(meta["count"])
         if int(index.d) != dimension:
             raise ValueError(f"{directory}: faiss index dimension {index.d} != metadata dimension {dimension}.")

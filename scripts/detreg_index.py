@@ -13,9 +13,12 @@ Search:
     python scripts/detreg_index.py search --index gallery_index --model model.onnx query1.jpg query2.png --k 5
     python scripts/detreg_index.py search --index gallery_index --model model.onnx query.jpg --k 5 --json
 
-The index remembers the model hash: searching it with another model is refused.
-Exit status: 0 ok; 1 bad input (missing folder, no images, existing output...);
-2 the index does not belong to this model (hash or dimension mismatch).
+The index remembers the model hash and the sha256 of its files: searching it
+with another model, or after one of its files changed, is refused.
+Exit status: 0 ok; 1 bad input (missing folder, no images, a --model that is
+not ONNX, existing output...); 2 the index does not belong to this model (hash
+or dimension mismatch) or is damaged (checksum mismatch). Errors are one
+``error: ...`` line.
 """
 
 from __future__ import annotations
@@ -116,7 +119,7 @@ def _search(args) -> int:
         index = EmbeddingIndex.load(args.index, expected_model_hash=embedder.model_hash,
                                     expected_dimension=embedder.embedding_dim)
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     queries = embedder.embed([Path(p) for p in args.images])
     kwargs = {}
@@ -147,8 +150,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         return _build(args) if args.command == "build" else _search(args)
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 1
 
 

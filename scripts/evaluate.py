@@ -16,7 +16,13 @@ final test evaluation: evaluating it again needs ``--output-dir`` (or
 
 Dataset and preprocessing come from the run's ``config.json`` when the model
 sits in a run folder, otherwise from the preset of ``--dataset`` (image size
-and channels from the model's input); any flag overrides them.
+and channels from the model's input); any flag overrides them. With
+``--dataset folder``, ``--test-dir`` alone evaluates those classes (no training
+folder needed); ``--train-dir`` alone evaluates the second half of its classes.
+
+Exit status: 0 evaluated; 1 an expected failure (missing or damaged model,
+missing or empty data, existing outputs), reported in one ``error:`` line;
+2 bad command-line arguments.
 """
 
 from __future__ import annotations
@@ -30,16 +36,20 @@ from pathlib import Path
 import keras
 
 import detreg_keras  # noqa: F401  (registers the custom objects for load_model)
+from detreg_keras.data import load_image_folder
 from detreg_keras.evaluation import plot_recall_at_k
 from detreg_keras.metrics import METRIC_NAMES
+from detreg_keras.model import load_model
 from detreg_keras.training import (
     DATASETS,
     PRESETS,
+    DataSplits,
     TrainConfig,
     evaluate_splits,
     load_run_config,
     load_splits,
     resolve_config,
+    resolve_data_path,
 )
 
 CHECKPOINTS = {"model": "model.keras", "best": "best.keras", "checkpoint": "checkpoint.keras"}
@@ -103,29 +113,27 @@ def _config(model_path: Path, model: keras.Model, given: dict) -> TrainConfig:
     return resolve_config(preset, **{**base, **given})
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    given = vars(parser.parse_args(argv))
-    target = Path(given.pop("model"))
-    checkpoint = given.pop("checkpoint")
-    output_dir = given.pop("output_dir")
-    overwrite = given.pop("overwrite")
-    try:
-        model_path = _model_path(target, checkpoint)
-    except FileNotFoundError as err:
-        parser.error(str(err))
+def _load_eval_splits(cfg: TrainConfig) -> DataSplits:
+    """The splits to evaluate; a folder dataset with only ``--test-dir`` needs no training folder."""
+    if cfg.dataset == "folder" and cfg.test_dir and not cfg.train_dir:
+        test = load_image_folder(resolve_data_path(cfg.test_dir), class_depth=cfg.class_depth)
+        return DataSplits(train=test, test=test)  # evaluate_splits reads only the test split
+    splits, _ = load_splits(cfg)
+    return splits
+
+
+def _evaluate(target: Path, checkpoint: str, output_dir: str | None, overwrite: bool, given: dict) -> int:
+    model_path = _model_path(target, checkpoint)
     out = Path(output_dir) if output_dir else model_path.parent
     existing = [str(out / name) for name in OUTPUTS if (out / name).exists()]
     if existing and not overwrite:
-        parser.error(f"{', '.join(existing)} already exist(s); pass --overwrite or choose another --output-dir.")
-
-    model = keras.models.load_model(model_path)
-    try:
-        cfg = _config(model_path, model, given)
-    except ValueError as err:
-        parser.error(str(err))
+        raise FileExistsError(
+            f"{', '.join(existing)} already exist(s); pass --overwrite or choose another --output-dir."
+        )
+    model = load_model(model_path, compile=False)
+    cfg = _config(model_path, model, given)
     start = time.perf_counter()
-    splits, _ = load_splits(cfg)
+    splits = _load_eval_splits(cfg)
     metrics = evaluate_splits(model, splits, cfg)
     report = {
         **metrics,
@@ -142,6 +150,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{model_path} on {cfg.dataset} (test classes): {shown}  {extra}".rstrip())
     print(f"wrote {out / 'metrics.json'} and {out / 'recall_at_k.png'}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    given = vars(parser.parse_args(argv))
+    target = Path(given.pop("model"))
+    checkpoint = given.pop("checkpoint")
+    output_dir = given.pop("output_dir")
+    overwrite = given.pop("overwrite")
+    try:
+        return _evaluate(target, checkpoint, output_dir, overwrite, given)
+    except (FileNotFoundError, NotADirectoryError, FileExistsError, ValueError) as err:
+        message = " ".join(str(err).split())  # one line
+        print(f"error: {message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -9,8 +9,12 @@ Signatures (both return {"embeddings": float32 [batch, D]}, L2-normalised):
                    (REST: {"instances": [{"b64": "..."}]})
   serving_pixels   images: float32 [batch, H, W, C] raw pixels in [0, 255]
 
+Before the version folder appears, the SavedModel is restored the way TF
+Serving restores it (a TF1 session, as SavedModelBundle and `saved_model_cli
+run` do) and both signatures are compared with Keras (max abs diff <= 1e-5).
 An existing version folder is never replaced unless --overwrite is given.
-Exit status: 0 exported; 1 bad arguments / existing version; 2 parity check failed.
+Exit status: 0 exported; 1 bad arguments / existing version / unreadable model;
+2 parity check failed (nothing written).
 """
 
 from __future__ import annotations
@@ -58,6 +62,8 @@ def main(argv=None) -> int:
     print(f"  serving_pixels:  images float32 [batch, {meta['image_height']}, {meta['image_width']}, "
           f"{meta['channels']}] -> embeddings")
     print(f"  model hash {result.model_hash}")
+    if result.max_abs_diff is not None:
+        print(f"  parity (TF1 session loader, both signatures) vs Keras: max abs diff {result.max_abs_diff:.3g}")
     print(f"  check: saved_model_cli show --dir {result.path} --all")
     return 0
 

@@ -5,7 +5,7 @@ REST (standard library only)::
 
     python serving/client.py rest --url http://127.0.0.1:8501 --model detreg a.jpg b.png
     python serving/client.py rest --url http://127.0.0.1:8501 --model detreg --version 1 a.jpg --output emb.npy
-    python serving/client.py rest --url http://127.0.0.1:8501 --model detreg --pixels --image-size 224 a.jpg
+    python serving/client.py rest --url http://127.0.0.1:8501 --model detreg --pixels a.jpg
 
 gRPC (needs ``pip install tensorflow-serving-api grpcio``, imported only for this command)::
 
@@ -13,7 +13,11 @@ gRPC (needs ``pip install tensorflow-serving-api grpcio``, imported only for thi
 
 ``serving_default`` (default) sends the encoded image bytes: the server decodes,
 converts to RGB and resizes them. ``--pixels`` uses the ``serving_pixels``
-signature instead: the client decodes/resizes with PIL and sends float pixels.
+signature instead: the client decodes/resizes the images with the decoder the
+server's graph uses (``detreg_keras.retrieval.load_image``, so ``--pixels`` needs
+detreg-keras installed) and sends float pixels of the size and channels the
+served signature declares (``GET .../metadata``; ``--image-size`` / ``--channels``
+override it).
 The REST request is ``POST /v1/models/NAME[/versions/N]:predict`` with
 ``{"signature_name": "serving_default", "instances": [{"b64": "..."}]}``.
 """
@@ -84,19 +88,61 @@ def rest_predict(
     return _parse_predictions(_post_json(predict_url(base_url, model, version), rest_payload(images), timeout))
 
 
-def load_pixels(paths: Sequence[str | Path], image_size: int, channels: int = 3) -> np.ndarray:
-    """Decode + resize with PIL (bilinear), as float32 ``[N, S, S, C]`` raw pixels in [0, 255]."""
-    from PIL import Image  # noqa: PLC0415
+def metadata_url(base_url: str, model: str, version: int | None = None) -> str:
+    """``BASE/v1/models/MODEL[/versions/N]/metadata`` (TF Serving's REST model metadata)."""
+    return predict_url(base_url, model, version)[: -len(":predict")] + "/metadata"
 
-    out = []
-    for path in paths:
-        with Image.open(path) as image:
-            image = image.convert("RGB" if channels == 3 else "L").resize(
-                (image_size, image_size), Image.Resampling.BILINEAR
-            )
-            array = np.asarray(image, np.float32)
-        out.append(array if array.ndim == 3 else array[..., None])
-    return np.stack(out)
+
+def _get_json(url: str, timeout: float) -> dict:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (user-given URL)
+            return json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        detail = err.read().decode(errors="replace")
+        raise RuntimeError(f"HTTP {err.code} from {url}: {detail}") from err
+
+
+def pixels_input_shape(metadata: dict) -> tuple[int, int, int]:
+    """``(H, W, C)`` of the ``serving_pixels`` input in a TF Serving ``/metadata`` answer.
+
+    Raises:
+        RuntimeError: the answer has no ``serving_pixels`` signature with a fixed ``[batch, H, W, C]`` input.
+    """
+    try:
+        signatures = metadata["metadata"]["signature_def"]["signature_def"]
+        dims = signatures[PIXELS_SIGNATURE]["inputs"][INPUT_NAME]["tensor_shape"]["dim"]
+        sizes = [int(d["size"]) for d in dims]
+    except (KeyError, TypeError, ValueError) as err:
+        raise RuntimeError(
+            f"The model metadata has no {PIXELS_SIGNATURE} signature with an {INPUT_NAME!r} input "
+            f"(missing {err}); was it exported by scripts/export_saved_model.py?"
+        ) from err
+    if len(sizes) != 4 or min(sizes[1:]) < 1:
+        raise RuntimeError(f"{PIXELS_SIGNATURE} input shape {sizes} is not [batch, H, W, C] with a fixed H, W, C.")
+    return sizes[1], sizes[2], sizes[3]
+
+
+def load_pixels(paths: Sequence[str | Path], image_size: int | tuple[int, int], channels: int = 3) -> np.ndarray:
+    """Decode + resize as the server's ``serving_default`` graph does: float32 ``[N, H, W, C]`` in [0, 255].
+
+    Raises:
+        ImportError: detreg-keras (its TF decoder) is not installed.
+        ValueError: an image cannot be read or decoded.
+    """
+    try:
+        from detreg_keras.retrieval import load_image  # noqa: PLC0415
+    except ImportError as err:
+        raise ImportError(
+            "--pixels decodes the images with detreg-keras's decoder (the one the SavedModel uses): "
+            f"pip install detreg-keras, or send encoded images without --pixels (missing: {err.name or err})."
+        ) from err
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    return np.stack([load_image(path, size, channels) for path in paths])
+
+
+def rest_pixels_shape(base_url: str, model: str, version: int | None = None, timeout: float = 30.0):
+    """``(H, W, C)`` the served ``serving_pixels`` signature takes (from ``GET .../metadata``)."""
+    return pixels_input_shape(_get_json(metadata_url(base_url, model, version), timeout))
 
 
 def rest_predict_pixels(
@@ -164,7 +210,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     rest = sub.add_parser("rest", help="REST API (port 8501)")
     rest.add_argument("--url", default="http://127.0.0.1:8501")
     rest.add_argument("--pixels", action="store_true", help="use serving_pixels (client-side decode/resize)")
-    rest.add_argument("--image-size", type=int, default=None, help="model image size (with --pixels)")
+    rest.add_argument("--image-size", type=int, default=None,
+                      help="with --pixels: image size (default: from the served signature)")
+    rest.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                      help="with --pixels: 1 or 3 channels (default: from the served signature)")
     grpc_cmd = sub.add_parser("grpc", help="gRPC API (port 8500), needs tensorflow-serving-api")
     grpc_cmd.add_argument("--target", default="127.0.0.1:8500")
     for p in (rest, grpc_cmd):
@@ -176,9 +225,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.protocol == "rest" and args.pixels:
-            if not args.image_size:
-                parser.error("--pixels needs --image-size")
-            pixels = load_pixels(args.images, args.image_size)
+            if args.image_size is None or args.channels is None:
+                height, width, channels = rest_pixels_shape(args.url, args.model, args.version, args.timeout)
+            size = (args.image_size, args.image_size) if args.image_size else (height, width)
+            pixels = load_pixels(args.images, size, args.channels or channels)
             embeddings = rest_predict_pixels(args.url, args.model, pixels, args.version, args.timeout)
         else:
             blobs = [Path(p).read_bytes() for p in args.images]

@@ -185,12 +185,54 @@ def _jpeg(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _gray_model() -> detreg_keras.DRegModel:
+    keras.utils.set_random_seed(5)
+    model = detreg_keras.DRegModel(
+        num_classes=3, backbone="small_cnn", image_size=SIZE, channels=1, embedding_dim=DIM,
+        num_couplings=2, hidden_units=16, flow="realnvp",
+    )
+    model(np.zeros((1, SIZE, SIZE, 1), np.float32))
+    return model
+
+
 @pytest.fixture(scope="module")
 def saved_model(exported, tmp_path_factory):
     model, _, _ = exported["realnvp"]
     base = tmp_path_factory.mktemp("serving")
     result = export.export_saved_model(model, base, "detreg", 1)
     return model, base, result
+
+
+@pytest.fixture(scope="module")
+def gray_saved_model(tmp_path_factory):
+    """A 1-channel model (as the digits/Omniglot presets train) exported for TF Serving."""
+    model = _gray_model()
+    base = tmp_path_factory.mktemp("serving_gray")
+    return model, export.export_saved_model(model, base, "gray", 1)
+
+
+def _tf1_session_run(version_dir: Path, requests: list[tuple[str, np.ndarray]]) -> list[np.ndarray]:
+    """What TF Serving's SavedModelBundle does: restore graph + variables into a TF1 session, run signatures."""
+    v1 = tf.compat.v1
+    graph = tf.Graph()
+    with graph.as_default(), v1.Session(graph=graph) as session:
+        meta_graph = v1.saved_model.loader.load(session, ["serve"], str(version_dir))
+        out = []
+        for name, array in requests:
+            signature = meta_graph.signature_def[name]
+            out.append(session.run(signature.outputs["embeddings"].name, {signature.inputs["images"].name: array}))
+    return out
+
+
+def _legacy_export(model, version_dir: Path) -> None:
+    """The export of detreg-keras <= 0.1.0: tf.saved_model.save of a tf.Module tracking the Keras 3 layers."""
+    module = tf.Module()
+    module.layers = [model.backbone, model.embedding, model.flow_min]
+    module.serve = tf.function(
+        lambda images: {"embeddings": model(images, training=False)},
+        input_signature=[tf.TensorSpec([None, SIZE, SIZE, 3], tf.float32, name="images")],
+    )
+    tf.saved_model.save(module, str(version_dir), signatures={"serving_pixels": module.serve.get_concrete_function()})
 
 
 def test_saved_model_layout_and_refusal(saved_model):
@@ -207,6 +249,68 @@ def test_saved_model_layout_and_refusal(saved_model):
         export.export_saved_model(model, base, "detreg", 0)
     cli = load_script("export_saved_model")
     assert cli.main([str(base / "missing.keras"), "--base-dir", str(base), "--name", "detreg", "--version", "1"]) == 1
+
+
+def test_saved_model_holds_only_the_inference_variables(saved_model):
+    """Every inference variable is saved (and restorable), head 2 / proxies / optimizer state are not."""
+    model, _, result = saved_model
+    saved = tf.train.list_variables(str(result.path / "variables" / "variables"))
+    sizes = sorted(int(np.prod(shape)) for name, shape in saved if "OPTIMIZER_SLOT" not in name and shape)
+    expected = sorted(int(np.prod(v.shape)) for v in export.inference_variables(model) if v.shape)
+    assert sizes == expected
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_saved_model_runs_under_the_tf_serving_session_loader(saved_model, batch):
+    """Both signatures, restored into a TF1 session as TF Serving does, reproduce Keras (the old export
+    failed here with 'Could not find variable ...')."""
+    model, _, result = saved_model
+    pixels = np.random.default_rng(batch).integers(0, 256, (batch, SIZE, SIZE, 3), dtype=np.uint8)
+    expected = model(pixels.astype(np.float32), training=False).numpy()
+    encoded = np.array([_png(p) for p in pixels], dtype=object)  # lossless at the model's size: same pixels
+    by_pixels, by_bytes = _tf1_session_run(
+        result.path, [("serving_pixels", pixels.astype(np.float32)), ("serving_default", encoded)]
+    )
+    assert by_pixels.shape == by_bytes.shape == (batch, DIM)
+    assert np.max(np.abs(by_pixels - expected)) <= 1e-5
+    assert np.max(np.abs(by_bytes - expected)) <= 1e-5
+
+
+def test_legacy_export_fails_the_session_loader_and_the_parity_check(saved_model, tmp_path):
+    """The Keras 3 pattern behind the bug, and that check_saved_model_parity (run by every export) catches it."""
+    model, _, _ = saved_model
+    _legacy_export(model, tmp_path / "legacy")
+    x = np.zeros((1, SIZE, SIZE, 3), np.float32)
+    assert np.all(np.isfinite(tf.saved_model.load(str(tmp_path / "legacy")).signatures["serving_pixels"](images=x)
+                              ["embeddings"].numpy()))  # the TF2 loader the old tests used is fine ...
+    with pytest.raises(tf.errors.FailedPreconditionError, match="Could not find variable"):
+        _tf1_session_run(tmp_path / "legacy", [("serving_pixels", x)])  # ... TF Serving's loader is not
+    with pytest.raises(export.ParityError, match="session loader"):
+        export.check_saved_model_parity(model, tmp_path / "legacy", batch_sizes=(1,), signatures=("serving_pixels",))
+
+
+def _saved_model_cli_run(version_dir: Path, signature: str, inputs: Path, outdir: Path) -> np.ndarray:
+    cli = shutil.which("saved_model_cli") or str(Path(sys.executable).parent / "saved_model_cli")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run(
+        [cli, "run", "--dir", str(version_dir), "--tag_set", "serve", "--signature_def", signature,
+         "--inputs", f"images={inputs}", "--outdir", str(outdir)],
+        capture_output=True, text=True, timeout=180, env=env, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    return np.load(outdir / "embeddings.npy")
+
+
+def test_saved_model_cli_run_both_signatures(saved_model, tmp_path):
+    model, _, result = saved_model
+    pixels = np.random.default_rng(9).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
+    expected = model(pixels.astype(np.float32), training=False).numpy()
+    np.save(tmp_path / "pixels.npy", pixels.astype(np.float32))
+    np.save(tmp_path / "png.npy", np.array([_png(p) for p in pixels], dtype=object), allow_pickle=True)
+    got = _saved_model_cli_run(result.path, "serving_pixels", tmp_path / "pixels.npy", tmp_path / "out_pixels")
+    assert np.max(np.abs(got - expected)) <= 1e-5
+    got = _saved_model_cli_run(result.path, "serving_default", tmp_path / "png.npy", tmp_path / "out_bytes")
+    assert np.max(np.abs(got - expected)) <= 1e-5
 
 
 def test_saved_model_signatures_as_served(saved_model):
@@ -235,18 +339,73 @@ def test_saved_model_signatures_as_served(saved_model):
     np.testing.assert_allclose(np.linalg.norm(mixed, axis=1), 1.0, atol=1e-5)
 
 
+def _sixteen_bit_png() -> tuple[bytes, np.ndarray]:
+    ramp = np.linspace(0, 65535, 48 * 40).reshape(48, 40).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(ramp).save(buf, "PNG")
+    assert Image.open(io.BytesIO(buf.getvalue())).mode == "I;16"
+    return buf.getvalue(), ramp
+
+
+def test_one_decoder_everywhere(saved_model):
+    """A file gives the same pixels in the Embedder/HTTP service (load_image), in the training pipeline and in
+    TF Serving's graph: 16-bit PNGs scaled to 8 bits (PIL's convert("L") clipped them: mean 251 instead of 127.5),
+    JPEG decoded by the same library, the same resize."""
+    from detreg_keras.data.pipeline import decode_image
+    from detreg_keras.retrieval import load_image
+
+    model, _, result = saved_model
+    data, ramp = _sixteen_bit_png()
+    reference = (ramp // 256).astype(np.float32)  # 16 -> 8 bits as TF converts (high byte)
+    np.testing.assert_array_equal(load_image(data, ramp.shape, channels=1)[..., 0], reference)
+    np.testing.assert_array_equal(load_image(data, ramp.shape, channels=3), np.repeat(reference[..., None], 3, -1))
+    np.testing.assert_array_equal(decode_image(tf.constant(data)).numpy(), np.repeat(reference[..., None], 3, -1))
+    assert load_image(data, ramp.shape, channels=1).mean() == pytest.approx(127.5, abs=0.5)
+
+    rng = np.random.default_rng(3)
+    photo = _jpeg(rng.integers(0, 256, (45, 61, 3), dtype=np.uint8))
+    np.testing.assert_array_equal(load_image(photo, (45, 61)), decode_image(tf.constant(photo)).numpy())
+    (by_bytes,) = _tf1_session_run(result.path, [("serving_default", np.array([data, photo], dtype=object))])
+    pixels = np.stack([load_image(d, (SIZE, SIZE)) for d in (data, photo)])
+    assert np.max(np.abs(by_bytes - model(pixels, training=False).numpy())) <= 1e-5
+
+
+def test_gray_model_takes_every_format_in_both_signatures(gray_saved_model):
+    """A 1-channel model's serving_default decodes BMP too (decode_image(channels=1) refuses BMP)."""
+    from detreg_keras.retrieval import load_image
+
+    model, result = gray_saved_model
+    rng = np.random.default_rng(4)
+    rgb = rng.integers(0, 256, (30, 36, 3), dtype=np.uint8)
+    blobs = []
+    for fmt in ("BMP", "PNG", "GIF", "JPEG"):
+        buf = io.BytesIO()
+        Image.fromarray(rgb).save(buf, fmt)
+        blobs.append(buf.getvalue())
+    gray = rng.integers(0, 256, (2, SIZE, SIZE, 1), dtype=np.uint8)
+    by_bytes, by_pixels = _tf1_session_run(
+        result.path,
+        [("serving_default", np.array(blobs, dtype=object)), ("serving_pixels", gray.astype(np.float32))],
+    )
+    pixels = np.stack([load_image(b, (SIZE, SIZE), channels=1) for b in blobs])
+    assert np.max(np.abs(by_bytes - model(pixels, training=False).numpy())) <= 1e-5
+    assert np.max(np.abs(by_pixels - model(gray.astype(np.float32), training=False).numpy())) <= 1e-5
+    # a gray PNG stays exactly the same pixels after the RGB -> gray conversion
+    np.testing.assert_array_equal(load_image(_png(gray[0, ..., 0]), (SIZE, SIZE), channels=1), gray[0])
+
+
 def test_saved_model_bytes_signature_matches_embedder_resize(saved_model, exported):
-    """TF's in-graph antialiased bilinear resize and the Embedder's PIL resize agree closely."""
+    """The in-graph decode + resize and the Embedder's load_image are the same function."""
     from detreg_keras.retrieval import load_image
 
     model, _, result = saved_model
     loaded = tf.saved_model.load(str(result.path))
     yy, xx = np.mgrid[0:96, 0:128]
     smooth = np.stack([yy * 2.5, xx * 1.9, (yy + xx) * 1.1], -1).clip(0, 255).astype(np.uint8)
-    data = _png(smooth)
-    served = loaded.signatures["serving_default"](images=tf.constant([data]))["embeddings"].numpy()[0]
-    pil = model(load_image(data, (SIZE, SIZE))[None], training=False).numpy()[0]
-    assert float(served @ pil) > 0.999
+    for data in (_png(smooth), _jpeg(smooth)):
+        served = loaded.signatures["serving_default"](images=tf.constant([data]))["embeddings"].numpy()[0]
+        local = model(load_image(data, (SIZE, SIZE))[None], training=False).numpy()[0]
+        assert np.max(np.abs(served - local)) <= 1e-5
 
 
 def test_saved_model_cli_shows_signatures(saved_model):
@@ -281,11 +440,13 @@ def test_saved_model_cli_script(exported, tmp_path, capsys):
 
 # ------------------------------------------- serving/client.py vs a TF Serving stub
 class _FakeTFServing:
-    """Minimal TF Serving REST ``:predict`` endpoint running the exported SavedModel's signatures.
+    """Minimal TF Serving REST API over the exported SavedModel, loaded as TF Serving loads it (TF1 session).
 
-    It follows TF Serving's row format: ``instances`` of ``{"b64": ...}`` become a
-    ``tf.string`` batch; nested lists become a float tensor; the single output is
-    returned as ``{"predictions": [[...], ...]}``.
+    ``POST .../:predict`` follows TF Serving's row format: ``instances`` of
+    ``{"b64": ...}`` become a ``tf.string`` batch, nested lists a float tensor, and
+    the single output is returned as ``{"predictions": [[...], ...]}``.
+    ``GET .../metadata`` answers the signature defs in TF Serving's JSON form
+    (``{"metadata": {"signature_def": {"signature_def": {...}}}}``, proto field names).
     """
 
     def __init__(self, version_dir: Path, name: str, version: int):
@@ -294,8 +455,23 @@ class _FakeTFServing:
         import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-        loaded = tf.saved_model.load(str(version_dir))
-        paths = {f"/v1/models/{name}:predict", f"/v1/models/{name}/versions/{version}:predict"}
+        from google.protobuf import json_format
+
+        v1 = tf.compat.v1
+        graph = tf.Graph()
+        with graph.as_default():
+            self.session = v1.Session(graph=graph)
+            meta_graph = v1.saved_model.loader.load(self.session, ["serve"], str(version_dir))
+        session = self.session
+        signatures = dict(meta_graph.signature_def)
+        metadata = {
+            "model_spec": {"name": name, "version": str(version)},
+            "metadata": {"signature_def": {"signature_def": {
+                key: json_format.MessageToDict(sig, preserving_proto_field_name=True)
+                for key, sig in signatures.items()
+            }}},
+        }  # fmt: skip
+        prefixes = {f"/v1/models/{name}", f"/v1/models/{name}/versions/{version}"}
         self.requests = []
         outer = self
 
@@ -303,18 +479,28 @@ class _FakeTFServing:
             def log_message(self, *args):
                 pass
 
+            def do_GET(self):
+                if self.path.removesuffix("/metadata") not in prefixes or not self.path.endswith("/metadata"):
+                    return self._reply(404, {"error": f"Servable not found for request: {self.path}"})
+                self._reply(200, metadata)
+
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 outer.requests.append((self.path, body))
-                if self.path not in paths:
+                if self.path.removesuffix(":predict") not in prefixes:
                     return self._reply(404, {"error": f"Servable not found for request: {self.path}"})
-                signature = loaded.signatures[body.get("signature_name", "serving_default")]
+                signature = signatures[body.get("signature_name", "serving_default")]
                 instances = body["instances"]
                 if instances and isinstance(instances[0], dict):
-                    tensor = tf.constant([base64.b64decode(i["b64"]) for i in instances])
+                    array = np.array([base64.b64decode(i["b64"]) for i in instances], dtype=object)
                 else:
-                    tensor = tf.constant(np.asarray(instances, np.float32))
-                out = signature(images=tensor)["embeddings"].numpy()
+                    array = np.asarray(instances, np.float32)
+                images = signature.inputs["images"]
+                expected = [d.size for d in images.tensor_shape.dim]
+                if array.ndim != len(expected) or any(e > 0 and e != g for e, g in zip(expected, array.shape)):
+                    return self._reply(400, {"error": f"input shape {list(array.shape)} != {expected}"})
+                feed = {images.name: array}
+                out = session.run(signature.outputs["embeddings"].name, feed)
                 self._reply(200, {"predictions": out.tolist()})
 
             def _reply(self, status, payload):
@@ -337,6 +523,7 @@ class _FakeTFServing:
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(10)
+        self.session.close()
 
 
 def _load_client():
@@ -379,3 +566,96 @@ def test_serving_client_grpc_needs_serving_api(tmp_path, capsys):
     (tmp_path / "a.png").write_bytes(_png(np.zeros((4, 4, 3), np.uint8)))
     assert client.main(["grpc", "--target", "127.0.0.1:1", str(tmp_path / "a.png")]) == 2
     assert "pip install tensorflow-serving-api" in capsys.readouterr().err
+
+
+def test_serving_client_pixels_follow_the_served_channels(gray_saved_model, tmp_path, capsys):
+    """--pixels sends the size and channels the served signature declares (it always sent 3 channels)."""
+    model, result = gray_saved_model
+    client = _load_client()
+    rgb = np.random.default_rng(6).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    path = tmp_path / "photo.png"
+    path.write_bytes(_png(rgb))
+    from detreg_keras.retrieval import load_image
+
+    expected = model(load_image(path, (SIZE, SIZE), channels=1)[None], training=False).numpy()
+    out = tmp_path / "emb.npy"
+    with _FakeTFServing(result.path, "gray", 1) as stub:
+        assert client.rest_pixels_shape(stub.url, "gray") == (SIZE, SIZE, 1)
+        assert client.main(["rest", "--url", stub.url, "--model", "gray", "--pixels", "--output", str(out),
+                            str(path)]) == 0, capsys.readouterr().err
+        assert np.asarray(stub.requests[-1][1]["instances"]).shape == (1, SIZE, SIZE, 1)
+        np.testing.assert_allclose(np.load(out), expected, atol=1e-5)
+        # by bytes, the server decodes: same embedding
+        np.testing.assert_allclose(client.rest_predict(stub.url, "gray", [path.read_bytes()]), expected, atol=1e-5)
+        # an explicit --channels 3 is sent as asked, and the server's 400 is one error line
+        assert client.main(["rest", "--url", stub.url, "--model", "gray", "--pixels", "--channels", "3",
+                            str(path)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: HTTP 400") and "Traceback" not in err
+        assert client.main(["rest", "--url", stub.url, "--model", "nope", "--pixels", str(path)]) == 1
+        assert "404" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", ["export_onnx", "export_saved_model"])
+def test_export_clis_report_damaged_models_in_one_line(exported, tmp_path, capsys, script):
+    """A truncated .keras was reported as "File not found" (it exists), a zip without config.json as a KeyError."""
+    import zipfile
+
+    model, _, _ = exported["none"]
+    good = tmp_path / "good.keras"
+    model.save(good)
+    data = good.read_bytes()
+    (tmp_path / "truncated.keras").write_bytes(data[: len(data) * 6 // 10])
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(tmp_path / "noconfig.keras", "w") as dst:
+        for name in src.namelist():
+            if name != "config.json":
+                dst.writestr(name, src.read(name))
+    cli = load_script(script)
+    for name, fragment in (("truncated.keras", "truncated"), ("noconfig.keras", "no config.json")):
+        target = ["--output", str(tmp_path / "m.onnx")] if script == "export_onnx" else [
+            "--base-dir", str(tmp_path / "models"), "--name", "m", "--version", "1"]
+        assert cli.main([str(tmp_path / name), *target]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and fragment in err, err
+        assert "File not found" not in err
+
+
+def _png_variants(size: int = SIZE) -> dict[str, bytes]:
+    """8-bit PNGs of every colour type, interlaced, with a tRNS colour key, with palette transparency."""
+    rng = np.random.default_rng(8)
+    rgb = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    out = {}
+
+    def save(name, image, **kwargs):
+        buf = io.BytesIO()
+        image.save(buf, "PNG", **kwargs)
+        out[name] = buf.getvalue()
+
+    save("gray", Image.fromarray(rgb[..., 0]))
+    save("gray_alpha", Image.fromarray(rgb).convert("LA"))
+    save("rgb", Image.fromarray(rgb))
+    save("rgba", Image.fromarray(np.dstack([rgb, rgb[..., :1]])))
+    save("palette", Image.fromarray(rgb).convert("P"))
+    save("palette_transparent", Image.fromarray(rgb).convert("P"), transparency=3)
+    save("rgb_colour_key", Image.fromarray(rgb), transparency=(10, 20, 30))
+    return out
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_load_image_png_fast_path_is_bit_identical_to_the_graph_decoder(channels):
+    """8-bit PNGs at the model's size are read with PIL (speed); their pixels equal the SavedModel decoder's."""
+    from detreg_keras.retrieval import _png_needs_no_tf, load_image
+
+    shape = (SIZE, SIZE, channels)
+    graph = tf.function(lambda data: export.decode_image_tensor(data, shape),
+                        input_signature=[tf.TensorSpec([], tf.string)])  # fmt: skip
+    fast = 0
+    for name, data in _png_variants().items():
+        fast += _png_needs_no_tf(data, (SIZE, SIZE), channels)
+        np.testing.assert_array_equal(load_image(data, (SIZE, SIZE), channels), graph(tf.constant(data)).numpy(),
+                                      err_msg=name)  # fmt: skip
+    assert fast == (7 if channels == 3 else 2)  # colour PNGs take TF's gray conversion for 1-channel models
+    sixteen, _ = _sixteen_bit_png()
+    other_size = _png(np.zeros((SIZE, SIZE + 1, 3), np.uint8))
+    photo = _jpeg(np.zeros((SIZE, SIZE, 3), np.uint8))
+    assert not any(_png_needs_no_tf(d, (SIZE, SIZE), channels) for d in (sixteen, other_size, photo))

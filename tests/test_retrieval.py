@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -268,6 +270,9 @@ def test_save_load_round_trip_without_pickle(kind, tmp_path):
     path = index.save(tmp_path / "idx")
     assert sorted(p.name for p in path.iterdir()) == ["ids.npy", "index.faiss", "labels.npy", "metadata.json"]
     meta = json.loads((path / "metadata.json").read_text())
+    assert meta["checksums"] == {  # independent reference: hashlib over the written files
+        name: hashlib.sha256((path / name).read_bytes()).hexdigest() for name in ("ids.npy", "index.faiss", "labels.npy")
+    }
     assert meta["dimension"] == 16 and meta["kind"] == kind and meta["count"] == 1000
     assert meta["model_hash"] == "abc123" and meta["detreg_version"] == detreg_keras.__version__
     assert meta["extra"] == {"note": "test"}
@@ -290,8 +295,9 @@ def test_load_refuses_other_model_dimension_and_corruption(tmp_path):
     with pytest.raises(ValueError, match="model-b"):
         EmbeddingIndex.load(path, expected_model_hash="model-b")
     with pytest.raises(ValueError, match="dimension 8, expected 16"):
-        EmbeddingIndex.load(path, expected_dimension=16)
-    assert EmbeddingIndex.load(path).model_hash == "model-a"  # no expectation: loads
+        EmbeddingIndex.load(path, expected_model_hash="model-a", expected_dimension=16)
+    with pytest.warns(UserWarning, match="expected_model_hash"):  # no expectation: loads, loudly
+        assert EmbeddingIndex.load(path).model_hash == "model-a"
     with pytest.raises(FileExistsError):
         EmbeddingIndex().build(x).save(path)
     EmbeddingIndex(model_hash="model-c").build(x).save(path, overwrite=True)
@@ -300,9 +306,69 @@ def test_load_refuses_other_model_dimension_and_corruption(tmp_path):
     meta["count"] = 49
     (path / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="inconsistent"):
-        EmbeddingIndex.load(path)
+        EmbeddingIndex.load(path, expected_model_hash="model-c")
     with pytest.raises(FileNotFoundError):
         EmbeddingIndex.load(tmp_path / "nothing")
+
+
+def _saved_pair(tmp_path):
+    """Two saved indexes of the same shape (same model hash, different embeddings) and their data."""
+    x, labels = clustered(60, 8, 3)
+    a = EmbeddingIndex(model_hash="m").build(x, ids=np.arange(60) + 100, labels=labels).save(tmp_path / "a")
+    b = EmbeddingIndex(model_hash="m").build(x[::-1].copy(), ids=np.arange(60) + 100, labels=labels[::-1].copy())
+    return a, b.save(tmp_path / "b"), x
+
+
+@pytest.mark.parametrize("damage", ["reordered ids", "replaced index", "replaced labels", "truncated index"])
+def test_load_refuses_files_changed_after_save(tmp_path, damage):
+    """A replaced / reordered / truncated file used to load and return wrong ids without a warning."""
+    a, b, x = _saved_pair(tmp_path)
+    ids = np.load(a / "ids.npy")
+    if damage == "reordered ids":
+        np.save(a / "ids.npy", ids[::-1].copy(), allow_pickle=False)
+    elif damage == "replaced index":
+        shutil.copy(b / "index.faiss", a / "index.faiss")
+    elif damage == "replaced labels":
+        shutil.copy(b / "labels.npy", a / "labels.npy")
+    else:
+        data = (a / "index.faiss").read_bytes()
+        (a / "index.faiss").write_bytes(data[: len(data) * 6 // 10])
+    with pytest.raises(ValueError, match="checksum"):
+        EmbeddingIndex.load(a, expected_model_hash="m")
+
+
+def test_load_of_a_format_1_index_warns_and_reports_a_truncated_faiss_file(tmp_path):
+    a, _, x = _saved_pair(tmp_path)
+    meta = json.loads((a / "metadata.json").read_text())
+    del meta["checksums"]
+    meta["format_version"] = 1
+    (a / "metadata.json").write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match="no checksums"):
+        assert EmbeddingIndex.load(a, expected_model_hash="m").search(x[5], 1)[0][0, 0] == 105
+    data = (a / "index.faiss").read_bytes()
+    (a / "index.faiss").write_bytes(data[: len(data) * 6 // 10])
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="not a readable faiss index"):
+        EmbeddingIndex.load(a, expected_model_hash="m")
+
+
+@pytest.mark.parametrize("name", ["../outside.npy", "/etc/passwd", "sub/labels.npy", "..", 3])
+def test_load_keeps_every_file_inside_the_folder(tmp_path, name):
+    a, _, _ = _saved_pair(tmp_path)
+    np.save(tmp_path / "outside.npy", np.arange(60), allow_pickle=False)  # readable, the right length
+    meta = json.loads((a / "metadata.json").read_text())
+    meta["files"]["labels"] = name
+    (a / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="plain file name"):
+        EmbeddingIndex.load(a, expected_model_hash="m")
+
+
+def test_load_refuses_a_symlink_out_of_the_folder(tmp_path):
+    a, _, _ = _saved_pair(tmp_path)
+    np.save(tmp_path / "outside.npy", np.load(a / "labels.npy"), allow_pickle=False)
+    (a / "labels.npy").unlink()
+    (a / "labels.npy").symlink_to(tmp_path / "outside.npy")
+    with pytest.raises(ValueError, match="outside the index folder"):
+        EmbeddingIndex.load(a, expected_model_hash="m")
 
 
 # ----------------------------------------------------------------------- CLI
@@ -373,4 +439,44 @@ def test_cli_build_and_search(model_and_onnx, embedder, tmp_path, capsys):
     assert cli.main(args) == 1
     assert "bad.png" in capsys.readouterr().err
     assert cli.main(args + ["--skip-bad-images", "--kind", "ivf", "--nlist", "2"]) == 0
-    assert EmbeddingIndex.load(tmp_path / "i2").count == 6
+    assert EmbeddingIndex.load(tmp_path / "i2", expected_model_hash=embedder.model_hash).count == 6
+
+
+def test_embedder_names_a_file_that_is_not_onnx(tmp_path):
+    """A .keras archive (or any non-ONNX file) gave onnxruntime's protobuf traceback."""
+    keras_file = tmp_path / "model.keras"
+    keras_file.write_bytes(b"PK\x03\x04" + b"\0" * 64)
+    with pytest.raises(ValueError, match=r"zip archive \(a \.keras model\?\).*export_onnx\.py"):
+        Embedder(keras_file)
+    garbage = tmp_path / "model.onnx"
+    garbage.write_bytes(b"not a protobuf at all" * 4)
+    with pytest.raises(ValueError, match="not an ONNX model onnxruntime can load"):
+        Embedder(garbage)
+
+
+def test_cli_expected_failures_are_one_error_line(model_and_onnx, embedder, tmp_path, capsys):
+    _, onnx_path = model_and_onnx
+    cli = load_script("detreg_index")
+    _image_folder(tmp_path / "images")
+    keras_file = tmp_path / "model.keras"
+    keras_file.write_bytes(b"PK\x03\x04" + b"\0" * 64)
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+
+    def one_line(code, argv, *fragments):
+        assert cli.main(argv) == code
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+        for fragment in fragments:
+            assert fragment in err, err
+
+    build = ["build", "--model", str(onnx_path), "--output", str(tmp_path / "idx")]
+    one_line(1, ["build", "--model", str(keras_file), "--images", str(tmp_path / "images"), "--output",
+                 str(tmp_path / "x")], "export_onnx.py")  # fmt: skip
+    one_line(1, [*build, "--images", str(tmp_path / "empty")], "No images")
+    one_line(1, [*build, "--images", str(tmp_path / "missing")], "not found")
+    assert cli.main([*build, "--images", str(tmp_path / "images")]) == 0
+    query = str(next((tmp_path / "images" / "red").glob("*.png")))
+    one_line(1, ["search", "--index", str(tmp_path / "idx"), "--model", str(keras_file), query], "export_onnx.py")
+    ids = np.load(tmp_path / "idx" / "ids.npy")
+    np.save(tmp_path / "idx" / "ids.npy", ids[::-1].copy(), allow_pickle=False)  # reordered ids
+    one_line(2, ["search", "--index", str(tmp_path / "idx"), "--model", str(onnx_path), query], "checksum")

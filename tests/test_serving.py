@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -165,7 +167,7 @@ def test_malformed_requests_are_4xx_with_message(client, kwargs, status, message
     assert message in response.json()["detail"]
 
 
-@pytest.mark.parametrize("k", [0, -1, 101, "abc", 2.5, True])
+@pytest.mark.parametrize("k", [0, -1, 101, "abc", 2.5, True, "²", " 1 2"])
 def test_bad_k_is_422(client, assets, k):
     payload = {"images": [base64.b64encode(assets["images"][0]).decode()], "k": k}
     response = client.post("/search", json=payload)
@@ -237,3 +239,141 @@ def test_cli_server_subprocess(assets):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+# --------------------------------------------------------------- hardening (issue 14)
+def test_unicode_digit_k_is_422_and_keeps_the_connection(client, assets):
+    """k=² passes str.isdigit but not int(): it was a plain-text 500 that reset the keep-alive connection."""
+    files = [("file", ("q.png", assets["images"][0], "image/png"))]
+    for path, kwargs in (("/search?k=²", {"files": files}), ("/search", {"files": files, "data": {"k": "²"}}),
+                         ("/search", {"json": {"images": [base64.b64encode(assets["images"][0]).decode()],
+                                               "k": "²"}})):  # fmt: skip
+        response = client.post(path, **kwargs)
+        assert response.status_code == 422, response.text
+        assert "k must be a positive integer" in response.json()["detail"]
+    assert client.post("/search?k=1", files=files).status_code == 200  # same pooled connection still usable
+
+
+def test_pixel_cap_is_derived_from_the_model(assets):
+    """Default cap 256 x H x W, at least 1 Mpx (it was 40 Mpx whatever the model); a setting overrides it."""
+    from detreg_keras.serving import default_max_pixels
+
+    assert default_max_pixels((28, 28)) == 1_000_000
+    assert default_max_pixels((224, 224)) == 256 * 224 * 224
+    assert default_max_pixels((4000, 4000)) == 40_000_000
+    just_over = _png(np.full((1000, 1001, 3), 128, np.uint8))
+    at_cap = _png(np.full((1000, 1000, 3), 128, np.uint8))
+    with ServerThread(create_app(assets["embedder"], None)) as running, httpx.Client(
+        base_url=running.url, timeout=TIMEOUT
+    ) as c:
+        assert c.get("/health").json()["limits"]["max_pixels"] == 1_000_000
+        response = c.post("/embed", files=[("f", ("big.png", just_over, "image/png"))])
+        assert response.status_code == 422 and "1001x1000 exceeds the limit of 1000000" in response.json()["detail"]
+        assert c.post("/embed", files=[("f", ("ok.png", at_cap, "image/png"))]).status_code == 200
+    with ServerThread(create_app(assets["embedder"], None, max_pixels=2_000_000)) as running:
+        response = httpx.post(running.url + "/embed", files=[("f", ("big.png", just_over, "image/png"))], timeout=TIMEOUT)
+        assert response.status_code == 200
+
+
+@pytest.mark.parametrize("kwargs", [{"max_pixels": 0}, {"decode_pixel_budget": 0}, {"max_inflight": -1},
+                                    {"max_images": 2.5}, {"default_k": 200}, {"decode_wait_s": 0}])  # fmt: skip
+def test_bad_limits_are_refused(assets, kwargs):
+    with pytest.raises(ValueError, match=next(iter(kwargs)) if "default_k" not in kwargs else "exceeds max_k"):
+        create_app(assets["embedder"], None, **kwargs)
+
+
+def test_over_max_inflight_is_503_before_the_body_is_read(assets):
+    """A request still sending its body holds the only slot: the next one gets 503 + Retry-After at once."""
+    payload = json.dumps({"images": [base64.b64encode(assets["images"][0]).decode()]}).encode()
+    with ServerThread(create_app(assets["embedder"], None, max_inflight=1)) as running:
+        slow = socket.create_connection((running.host, running.port), timeout=20)
+        try:
+            head = (f"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(payload)}\r\n\r\n").encode()  # fmt: skip
+            slow.sendall(head + payload[:10])
+            time.sleep(0.3)  # the server has admitted it and waits for the rest of the body
+            busy = httpx.post(running.url + "/embed", content=payload, headers={"content-type": "application/json"},
+                              timeout=TIMEOUT)  # fmt: skip
+            assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+            assert "busy" in busy.json()["detail"]
+            assert httpx.get(running.url + "/health", timeout=TIMEOUT).status_code == 200  # GET never refused
+            slow.sendall(payload[10:])
+            reply = slow.recv(65536).decode(errors="replace")
+            assert reply.startswith("HTTP/1.1 200"), reply[:200]
+        finally:
+            slow.close()
+        ok = httpx.post(running.url + "/embed", content=payload, headers={"content-type": "application/json"},
+                        timeout=TIMEOUT)  # fmt: skip
+        assert ok.status_code == 200  # the slot was released
+
+
+class _CountingDecoder:
+    """Wraps load_image and records how many pixels are being decoded at once (each call takes 50 ms)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.active = self.peak = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, blob, *args, **kwargs):
+        pixels = int(np.prod(Image.open(io.BytesIO(blob)).size))
+        with self.lock:
+            self.active += pixels
+            self.peak = max(self.peak, self.active)
+        try:
+            time.sleep(0.05)
+            return self.inner(blob, *args, **kwargs)
+        finally:
+            with self.lock:
+                self.active -= pixels
+
+
+@pytest.mark.parametrize("budget_images", [1, 3])
+def test_decode_pixel_budget_bounds_the_pixels_decoded_at_once(assets, monkeypatch, budget_images):
+    """6 concurrent requests of two 64x64 images: never more than the budget decoded at once (it was unbounded)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from detreg_keras import serving
+
+    counting = _CountingDecoder(serving.load_image)
+    monkeypatch.setattr(serving, "load_image", counting)
+    image = base64.b64encode(_png(np.full((64, 64, 3), 100, np.uint8))).decode()
+    app = create_app(assets["embedder"], None, decode_pixel_budget=budget_images * 64 * 64)
+    with ServerThread(app) as running, httpx.Client(base_url=running.url, timeout=TIMEOUT) as c:
+        with ThreadPoolExecutor(6) as pool:
+            statuses = list(pool.map(lambda _: c.post("/embed", json={"images": [image] * 2}).status_code, range(6)))
+    assert statuses == [200] * 6
+    assert counting.peak == budget_images * 64 * 64  # the bound holds, and is reached
+    assert app.state.decode_budget.peak == counting.peak and app.state.decode_budget.used == 0
+
+
+def test_decode_budget_timeout_is_503(assets):
+    from detreg_keras.serving import PixelBudget, ServiceBusy
+
+    budget = PixelBudget(100, timeout_s=0.05)
+    taken = budget.acquire(10_000)  # larger than the budget: takes all of it
+    assert taken == 100 and budget.used == 100
+    with pytest.raises(ServiceBusy, match="busy"):
+        budget.acquire(1)
+    budget.release(taken)
+    assert budget.acquire(60) == 60 and budget.used == 60
+
+
+def test_service_cli_reports_a_damaged_index_in_one_line(assets, tmp_path, capsys):
+    """A truncated index.faiss killed start-up with a faiss traceback."""
+    import shutil
+
+    from detreg_keras.serving import main
+
+    damaged = tmp_path / "index"
+    shutil.copytree(assets["index_dir"], damaged)
+    data = (damaged / "index.faiss").read_bytes()
+    (damaged / "index.faiss").write_bytes(data[: len(data) * 6 // 10])
+    assert main(["--model", str(assets["onnx"]), "--index", str(damaged), "--port", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "checksum" in err and "Rebuild" in err
+    keras_file = tmp_path / "model.keras"
+    keras_file.write_bytes(b"PK\x03\x04 not really")
+    assert main(["--model", str(keras_file), "--port", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "export_onnx.py" in err
