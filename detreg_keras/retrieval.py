@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -502,6 +503,37 @@ class Embedder:
 
     __call__ = embed
 
+    def match(self, images, index: EmbeddingIndex, threshold: float | None = None) -> Matches:
+        """Embed ``images`` and :meth:`EmbeddingIndex.match` them (label of the top-1 neighbour, or "unknown").
+
+        Raises:
+            ValueError: invalid images, an index of another model, or no threshold (see ``EmbeddingIndex.match``).
+        """
+        if index.model_hash is not None and index.model_hash != self.model_hash:
+            raise ValueError(
+                f"The index was built with model {index.model_hash!r}, this embedder is model {self.model_hash!r}."
+            )
+        return index.match(self.embed(images), threshold=threshold)
+
+
+@dataclasses.dataclass(frozen=True)
+class Matches:
+    """Result of :meth:`EmbeddingIndex.match`, one entry per query.
+
+    Attributes:
+        labels: the top-1 neighbour's label where its cosine is ``>= threshold``, else ``"unknown"``.
+        ids: the top-1 neighbour's id (whether matched or not).
+        scores: the top-1 cosine similarity (float32; ``-inf`` when an approximate index found none).
+        matched: ``scores >= threshold``.
+        threshold: the threshold used.
+    """
+
+    labels: list
+    ids: np.ndarray
+    scores: np.ndarray
+    matched: np.ndarray
+    threshold: float
+
 
 # ------------------------------------------------------------------- index
 _PARAM_ALIASES = {
@@ -640,6 +672,8 @@ class EmbeddingIndex:
         self.ids: np.ndarray | None = None
         self.labels: np.ndarray | None = None
         self.extra: dict[str, Any] = {}
+        self.threshold: float | None = None
+        self.calibration: dict[str, Any] | None = None
 
     # ---------------------------------------------------------- properties
     @property
@@ -818,6 +852,96 @@ class EmbeddingIndex:
             scores = np.where(missing, -np.inf, scores)
         return ids, labels, scores.astype(np.float32, copy=False)
 
+    # --------------------------------------------------------- verification
+    def set_threshold(self, threshold) -> EmbeddingIndex:
+        """Set (or with ``None`` clear) the cosine threshold :meth:`match` uses; saved in ``metadata.json``.
+
+        Args:
+            threshold: a float in ``[-1, 1]``, a :class:`~detreg_keras.verification.Calibration`
+                (its threshold and rates are stored) or ``None``.
+
+        Raises:
+            ValueError: a threshold outside ``[-1, 1]`` or not a number.
+        """
+        from detreg_keras.verification import Calibration, check_threshold  # noqa: PLC0415
+
+        if threshold is None:
+            self.threshold, self.calibration = None, None
+        elif isinstance(threshold, Calibration):
+            self.threshold, self.calibration = check_threshold(threshold.threshold), threshold.to_dict()
+        else:
+            self.threshold, self.calibration = check_threshold(threshold), None
+        return self
+
+    def calibrate(
+        self,
+        embeddings: np.ndarray,
+        labels: Sequence | np.ndarray,
+        target_fmr: float | None = None,
+        target_precision: float | None = None,
+        max_genuine: int | None = None,
+        max_impostor: int | None = None,
+        seed: int = 0,
+    ):
+        """Calibrate the threshold on held-out labelled embeddings (not the indexed ones) and set it.
+
+        The pairs of ``embeddings`` are scored by cosine; the threshold is
+        :func:`~detreg_keras.verification.calibrate_threshold`'s for the target.
+        It is a *pair* threshold: :meth:`match` compares it with the top-1
+        neighbour's cosine, whose false-match rate grows with the index size.
+
+        Returns:
+            The :class:`~detreg_keras.verification.Calibration` (also stored in ``metadata.json``).
+
+        Raises:
+            ValueError: pairs of one kind only (one label, or no label with two items), bad targets.
+        """
+        from detreg_keras.verification import calibrate_threshold, verification_pairs  # noqa: PLC0415
+
+        pairs = verification_pairs(embeddings, labels, max_genuine=max_genuine, max_impostor=max_impostor, seed=seed)
+        calibration = calibrate_threshold(
+            pairs.scores, pairs.genuine, target_fmr=target_fmr, target_precision=target_precision
+        )
+        self.set_threshold(calibration)
+        return calibration
+
+    def match(
+        self,
+        queries: np.ndarray,
+        threshold: float | None = None,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+    ) -> Matches:
+        """The label of each query's nearest indexed item if its cosine is ``>= threshold``, else ``"unknown"``.
+
+        Args:
+            queries: ``[Q, D]`` embeddings (or one ``[D]`` vector).
+            threshold: cosine threshold in ``[-1, 1]``; ``None``: the index's
+                (:meth:`set_threshold` / :meth:`calibrate`, saved with the index).
+            nprobe, ef_search: as in :meth:`search`.
+
+        Raises:
+            ValueError: the index has no labels, no threshold is set or given, a
+                threshold outside ``[-1, 1]``, or bad queries.
+        """
+        from detreg_keras.verification import UNKNOWN, check_threshold  # noqa: PLC0415
+
+        if threshold is None:
+            if self.threshold is None:
+                raise ValueError(
+                    "No match threshold: pass threshold=, or set one with calibrate() / set_threshold() "
+                    "(saved with the index)."
+                )
+            threshold = self.threshold
+        threshold = check_threshold(threshold)
+        if self.index is not None and self.labels is None:
+            raise ValueError("match() returns labels, but this index has none: build it with labels=.")
+        ids, labels, scores = self.search(queries, k=1, nprobe=nprobe, ef_search=ef_search)
+        scores = scores[:, 0]
+        matched = scores >= threshold
+        out = [labels[q, 0].item() if matched[q] else UNKNOWN for q in range(len(scores))]
+        return Matches(out, ids[:, 0], scores, matched, threshold)
+
     # ------------------------------------------------------------ save/load
     def metadata(self, checksums: dict[str, str] | None = None) -> dict[str, Any]:
         """The ``metadata.json`` content; ``checksums`` maps each written file name to its sha256."""
@@ -840,6 +964,9 @@ class EmbeddingIndex:
             "files": {"index": INDEX_FILE, "ids": IDS_FILE, "labels": LABELS_FILE if self.labels is not None else None},
             "checksums": dict(checksums or {}),
             "extra": self.extra,
+            "verification": None
+            if self.threshold is None
+            else {"threshold": self.threshold, "rule": "score >= threshold", "calibration": self.calibration},
         }
 
     def save(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -956,7 +1083,22 @@ class EmbeddingIndex:
         out.index, out.kind, out.ids, out.labels = index, kind, ids, labels
         out.params = {k: int(v) for k, v in (meta.get("params") or {}).items()}
         out.extra = dict(meta.get("extra") or {})
+        _load_verification(out, meta.get("verification"), directory)
         return out
+
+
+def _load_verification(index: EmbeddingIndex, stored: Any, directory: Path) -> None:
+    """Restore the match threshold saved in ``metadata.json`` (absent in indexes saved before it existed)."""
+    if stored is None:
+        return
+    if not isinstance(stored, dict) or "threshold" not in stored:
+        raise ValueError(f"{directory / METADATA_FILE}: 'verification' must be an object with a 'threshold'.")
+    try:
+        index.set_threshold(stored["threshold"])
+    except ValueError as err:
+        raise ValueError(f"{directory / METADATA_FILE}: {err}") from err
+    calibration = stored.get("calibration")
+    index.calibration = dict(calibration) if isinstance(calibration, dict) else None
 
 
 def recall_against_exact(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
@@ -973,6 +1115,7 @@ __all__ = [
     "INDEX_KINDS",
     "Embedder",
     "EmbeddingIndex",
+    "Matches",
     "default_providers",
     "list_image_folder",
     "load_image",

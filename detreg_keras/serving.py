@@ -6,6 +6,10 @@ Endpoints:
 * ``POST /embed``: images → ``{"embeddings": [[...]], "dimension", "model_hash", "count"}``.
 * ``POST /search?k=5``: images → ``{"k", "results": [[{"rank", "id", "label", "score"}, ...]]}``
   (``503`` when the service runs without an index).
+* ``POST /match?threshold=0.6``: images → ``{"threshold", "results": [{"label", "matched", "id", "score"}]}``:
+  the top-1 neighbour's label when its cosine is ``>= threshold``, else ``"unknown"``; the
+  threshold defaults to the one stored in the index (``EmbeddingIndex.calibrate``); ``422``
+  for a threshold outside ``[-1, 1]`` or none at all, ``503`` without an index with labels.
 
 Images are sent either as ``multipart/form-data`` file parts (any field name,
 e.g. ``curl -F files=@a.jpg -F files=@b.png``) or as JSON
@@ -256,6 +260,23 @@ def parse_k(value: Any, max_k: int) -> int:
     return k
 
 
+def parse_threshold(value: Any) -> float:
+    """A match threshold from a query parameter, form field or JSON value: a number in ``[-1, 1]``.
+
+    Raises:
+        ValueError: anything else, with the message the service answers (422).
+    """
+    from detreg_keras.verification import check_threshold  # noqa: PLC0415
+
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            message = f"The threshold must be a number in [-1, 1] (a cosine similarity), got {value!r}."
+            raise ValueError(message) from None
+    return check_threshold(value)
+
+
 def _decode_b64(item: Any, position: int) -> bytes:
     if isinstance(item, dict):
         if set(item) != {"b64"}:
@@ -438,7 +459,9 @@ def create_app(
             "channels": embedder.channels,
             "providers": embedder.providers,
             "detreg_version": detreg_version(),
-            "index": None if idx is None else {"kind": idx.kind, "count": idx.count, "params": idx.params},
+            "index": None
+            if idx is None
+            else {"kind": idx.kind, "count": idx.count, "params": idx.params, "threshold": idx.threshold},
             "limits": limits,
         }
 
@@ -483,6 +506,36 @@ def create_app(
                 )
             results.append(row)
         return {"k": min(k, idx.count), "results": results, "model_hash": embedder.model_hash}
+
+    @app.post("/match")
+    async def match(request: Request) -> dict[str, Any]:
+        idx = app.state.index
+        if idx is None or idx.labels is None:
+            raise HTTPException(503, "/match needs an index with labels (--index); this service has none.")
+        raw = request.query_params.get("threshold")
+        blobs, fields = await read_images(request)
+        raw = fields.get("threshold", raw)
+        if raw is None and idx.threshold is None:
+            raise HTTPException(
+                422, "No match threshold: pass threshold (in [-1, 1]), or calibrate the index "
+                "(EmbeddingIndex.calibrate) so that it stores one."
+            )
+        try:  # checked before the images are decoded
+            threshold = idx.threshold if raw is None else parse_threshold(raw)
+        except ValueError as err:
+            raise HTTPException(422, str(err)) from err
+        embeddings = await embed_blobs_bounded(blobs)
+        found = await run_in_threadpool(idx.match, embeddings, threshold)
+        results = [
+            {
+                "label": label,
+                "matched": bool(matched),
+                "id": None if not np.isfinite(score) else found_id.item(),
+                "score": float(score) if np.isfinite(score) else None,
+            }
+            for label, matched, found_id, score in zip(found.labels, found.matched, found.ids, found.scores)
+        ]
+        return {"threshold": found.threshold, "results": results, "model_hash": embedder.model_hash}
 
     return app
 
@@ -550,7 +603,7 @@ def limit_tensorflow_threads(threads: int) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m detreg_keras.serving", description="Serve /embed and /search over HTTP."
+        prog="python -m detreg_keras.serving", description="Serve /embed, /search and /match over HTTP."
     )
     parser.add_argument("--model", required=True, help="ONNX model from scripts/export_onnx.py")
     parser.add_argument("--index", default=None, help="index folder from scripts/detreg_index.py build")
@@ -612,4 +665,5 @@ __all__ = [
     "limit_tensorflow_threads",
     "main",
     "parse_k",
+    "parse_threshold",
 ]

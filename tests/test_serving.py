@@ -377,3 +377,71 @@ def test_service_cli_reports_a_damaged_index_in_one_line(assets, tmp_path, capsy
     assert main(["--model", str(keras_file), "--port", "1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "export_onnx.py" in err
+
+
+# --------------------------------------------------------------- /match (issue 17)
+def _b64(blob: bytes) -> str:
+    return base64.b64encode(blob).decode()
+
+
+def test_match_label_or_unknown_against_brute_force(client, assets):
+    """Top-1 label when its cosine >= threshold, else "unknown"; compared with numpy over the gallery."""
+    embedder, index = assets["embedder"], assets["index"]
+    fresh = _png(np.random.default_rng(5).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
+    queries = [assets["images"][4], fresh]
+    sims = embedder.embed(queries) @ embedder.embed(assets["images"]).T
+    best = sims.argmax(axis=1)
+    gap = float(sims[0, best[0]] - sims[1, best[1]])  # an untrained model: all images are similar
+    assert gap > 1e-5
+    threshold = float(sims[1, best[1]]) + gap / 2  # the fresh image's best score falls below it
+    response = client.post("/match", json={"images": [_b64(q) for q in queries], "threshold": threshold})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["threshold"] == pytest.approx(threshold) and body["model_hash"] == embedder.model_hash
+    first, second = body["results"]
+    assert first == {"label": "c1", "matched": True, "id": "g4.png", "score": pytest.approx(1.0, abs=1e-5)}
+    assert second["label"] == "unknown" and second["matched"] is False
+    assert second["id"] == f"g{best[1]}.png" and second["score"] == pytest.approx(sims[1, best[1]], abs=1e-5)
+    assert index.labels[best[1]] != "unknown"
+    lower = float(sims[1, best[1]]) - gap / 2  # as a query parameter and a form field: now both match
+    for kwargs in ({"params": {"threshold": lower}}, {"data": {"threshold": str(lower)}}):
+        response = client.post("/match", files=[("file", ("q.png", fresh, "image/png"))], **kwargs)
+        assert response.status_code == 200, response.text
+        assert response.json()["results"][0]["label"] == index.labels[best[1]]
+
+
+@pytest.mark.parametrize("threshold", [1.5, -1.01, "abc", "nan", True, [0.5]])
+def test_match_bad_threshold_is_422(client, assets, threshold):
+    response = client.post("/match", json={"images": [_b64(assets["images"][0])], "threshold": threshold})
+    assert response.status_code == 422, response.text
+    assert "threshold must" in response.json()["detail"]
+
+
+def test_match_uses_the_index_threshold_and_needs_one(client, assets):
+    payload = {"images": [_b64(assets["images"][0])]}
+    response = client.post("/match", json=payload)  # the fixture's index has no threshold
+    assert response.status_code == 422 and "No match threshold" in response.json()["detail"]
+    calibrated = EmbeddingIndex.load(assets["index_dir"], expected_model_hash=assets["embedder"].model_hash)
+    calibrated.set_threshold(0.999999)
+    with ServerThread(create_app(assets["embedder"], calibrated)) as running, httpx.Client(
+        base_url=running.url, timeout=TIMEOUT
+    ) as c:
+        assert c.get("/health").json()["index"]["threshold"] == 0.999999
+        body = c.post("/match", json=payload).json()
+        assert body["threshold"] == 0.999999 and body["results"][0]["label"] == "c0"
+        unknown = _png(np.random.default_rng(6).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
+        assert c.post("/match", json={"images": [_b64(unknown)]}).json()["results"][0]["label"] == "unknown"
+    with ServerThread(create_app(assets["embedder"], None)) as running:
+        response = httpx.post(running.url + "/match", json=payload, timeout=TIMEOUT)
+        assert response.status_code == 503 and "labels" in response.json()["detail"]
+
+
+def test_embedder_match_checks_the_model(assets):
+    embedder, index = assets["embedder"], assets["index"]
+    result = embedder.match([assets["images"][4], assets["images"][9]], index, threshold=0.999999)
+    assert result.labels == ["c1", "c0"] and list(result.ids) == ["g4.png", "g9.png"]
+    other = EmbeddingIndex(model_hash="another-model").build(
+        embedder.embed(assets["images"][:3]), labels=["a", "b", "c"]
+    )
+    with pytest.raises(ValueError, match="another-model"):
+        embedder.match(assets["images"][:1], other, threshold=0.5)
