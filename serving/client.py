@@ -66,9 +66,11 @@ def _parse_predictions(body: dict) -> np.ndarray:
     raise RuntimeError(f"Unexpected TF Serving response keys: {sorted(body)}")
 
 
-def _post_json(url: str, payload: dict, timeout: float) -> dict:
-    data = json.dumps(payload).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"}, method="POST")
+def _request_json(url: str, timeout: float, payload: dict | None = None) -> dict:
+    """GET ``url`` (or POST ``payload`` as JSON to it) and parse the JSON answer; HTTP errors name the URL."""
+    data = None if payload is None else json.dumps(payload).encode()
+    headers = {} if payload is None else {"Content-Type": "application/json"}
+    request = urllib.request.Request(url, data=data, headers=headers, method="GET" if payload is None else "POST")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (user-given URL)
             return json.loads(response.read())
@@ -85,21 +87,12 @@ def rest_predict(
     timeout: float = 30.0,
 ) -> np.ndarray:
     """Embeddings ``[N, D]`` of encoded images via the REST API and the ``serving_default`` signature."""
-    return _parse_predictions(_post_json(predict_url(base_url, model, version), rest_payload(images), timeout))
+    return _parse_predictions(_request_json(predict_url(base_url, model, version), timeout, rest_payload(images)))
 
 
 def metadata_url(base_url: str, model: str, version: int | None = None) -> str:
     """``BASE/v1/models/MODEL[/versions/N]/metadata`` (TF Serving's REST model metadata)."""
     return predict_url(base_url, model, version)[: -len(":predict")] + "/metadata"
-
-
-def _get_json(url: str, timeout: float) -> dict:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (user-given URL)
-            return json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        detail = err.read().decode(errors="replace")
-        raise RuntimeError(f"HTTP {err.code} from {url}: {detail}") from err
 
 
 def pixels_input_shape(metadata: dict) -> tuple[int, int, int]:
@@ -142,7 +135,7 @@ def load_pixels(paths: Sequence[str | Path], image_size: int | tuple[int, int], 
 
 def rest_pixels_shape(base_url: str, model: str, version: int | None = None, timeout: float = 30.0):
     """``(H, W, C)`` the served ``serving_pixels`` signature takes (from ``GET .../metadata``)."""
-    return pixels_input_shape(_get_json(metadata_url(base_url, model, version), timeout))
+    return pixels_input_shape(_request_json(metadata_url(base_url, model, version), timeout))
 
 
 def rest_predict_pixels(
@@ -154,7 +147,7 @@ def rest_predict_pixels(
 ) -> np.ndarray:
     """Embeddings of float pixels ``[N, H, W, C]`` via the ``serving_pixels`` signature."""
     payload = {"signature_name": PIXELS_SIGNATURE, "instances": np.asarray(pixels, np.float32).tolist()}
-    return _parse_predictions(_post_json(predict_url(base_url, model, version), payload, timeout))
+    return _parse_predictions(_request_json(predict_url(base_url, model, version), timeout, payload))
 
 
 def _grpc_modules():
