@@ -11,6 +11,7 @@ from typing import Any, Callable
 from detreg_keras.losses.base import DMLLoss
 from detreg_keras.losses.circle import CircleLoss, circle_loss
 from detreg_keras.losses.contrastive import ContrastiveLoss, contrastive_loss
+from detreg_keras.losses.direction import DirectionRegularizedTripletLoss, direction_regularized_triplet_loss
 from detreg_keras.losses.lifted import LiftedStructureLoss, lifted_structure_loss
 from detreg_keras.losses.margin_softmax import (
     ArcFaceLoss,
@@ -20,9 +21,11 @@ from detreg_keras.losses.margin_softmax import (
     cosface_loss,
     normalized_softmax_loss,
 )
+from detreg_keras.losses.margin import MarginLoss, margin_loss
 from detreg_keras.losses.multi_similarity import MultiSimilarityLoss, multi_similarity_loss
 from detreg_keras.losses.npair import NPairLoss, npair_loss
 from detreg_keras.losses.proxy_anchor import ProxyAnchorLoss, proxy_anchor_loss
+from detreg_keras.losses.proxy_gml import ProxyGMLLoss, proxy_gml_loss
 from detreg_keras.losses.proxy_nca import ProxyNCALoss, ProxyNCAPlusPlusLoss, proxy_nca_loss, proxy_nca_pp_loss
 from detreg_keras.losses.recall_at_k import RecallAtKLoss, recall_at_k_loss
 from detreg_keras.losses.rho import RhoTripletLoss, rho_spectrum, rho_triplet_loss
@@ -36,6 +39,8 @@ LOSSES: dict[str, Callable[..., DMLLoss]] = {
     "contrastive": ContrastiveLoss,
     "triplet": TripletMarginLoss,
     "rho_triplet": RhoTripletLoss,
+    "triplet_dr": DirectionRegularizedTripletLoss,
+    "margin": MarginLoss,
     "npair": NPairLoss,
     "lifted_structure": LiftedStructureLoss,
     "multi_similarity": MultiSimilarityLoss,
@@ -45,6 +50,7 @@ LOSSES: dict[str, Callable[..., DMLLoss]] = {
     "proxy_nca": ProxyNCALoss,
     "proxy_nca_pp": ProxyNCAPlusPlusLoss,
     "soft_triple": SoftTripleLoss,
+    "proxy_gml": ProxyGMLLoss,
     "normalized_softmax": NormalizedSoftmaxLoss,
     "cosface": CosFaceLoss,
     "arcface": ArcFaceLoss,
@@ -81,11 +87,14 @@ __all__ = [
     "ContrastiveLoss",
     "CosFaceLoss",
     "DMLLoss",
+    "DirectionRegularizedTripletLoss",
     "LiftedStructureLoss",
+    "MarginLoss",
     "MultiSimilarityLoss",
     "NPairLoss",
     "NormalizedSoftmaxLoss",
     "ProxyAnchorLoss",
+    "ProxyGMLLoss",
     "ProxyNCALoss",
     "ProxyNCAPlusPlusLoss",
     "RecallAtKLoss",
@@ -96,12 +105,15 @@ __all__ = [
     "circle_loss",
     "contrastive_loss",
     "cosface_loss",
+    "direction_regularized_triplet_loss",
     "get",
     "lifted_structure_loss",
+    "margin_loss",
     "multi_similarity_loss",
     "normalized_softmax_loss",
     "npair_loss",
     "proxy_anchor_loss",
+    "proxy_gml_loss",
     "proxy_nca_loss",
     "proxy_nca_pp_loss",
     "recall_at_k_loss",

@@ -42,12 +42,14 @@ def triplet_loss_from_masks(
     neg_mask: tf.Tensor,
     margin: float = 0.2,
     mining: str = "all",
+    triplet_penalty: tf.Tensor | None = None,
 ) -> tf.Tensor:
     """Triplet margin loss from a distance matrix and anchor-wise candidate masks.
 
-    The building block shared by :func:`triplet_margin_loss` and the
-    ρ-regularised variant (:mod:`detreg_keras.losses.rho`), which swaps the
-    masks of some anchors.
+    The building block shared by :func:`triplet_margin_loss`, the ρ-regularised
+    variant (:mod:`detreg_keras.losses.rho`), which swaps the masks of some
+    anchors, and direction regularisation (:mod:`detreg_keras.losses.direction`),
+    which adds a per-triplet penalty.
 
     Args:
         dist: ``[B, B]`` distances ``d_ij``.
@@ -55,6 +57,10 @@ def triplet_loss_from_masks(
         neg_mask: ``[B, B]`` boolean, ``neg_mask[a, n]``: ``n`` may act as ``a``'s negative.
         margin: ``m``.
         mining: ``"all"``, ``"hard"`` or ``"semihard"``.
+        triplet_penalty: optional ``[B, B, B]`` term ``t[a, p, n]`` added to each
+            *mined* triplet whose hinge is active (``> 0``); the reductions (and
+            the non-zero count of batch-all) are unchanged. Mined ties resolve to
+            the first index.
 
     Returns:
         Scalar loss (0 when no valid triplet exists).
@@ -66,13 +72,22 @@ def triplet_loss_from_masks(
     if mining == "all":
         valid = tf.logical_and(pos_mask[:, :, None], neg_mask[:, None, :])  # [a, p, n]
         losses = tf.nn.relu(dist[:, :, None] - dist[:, None, :] + margin)
+        if triplet_penalty is not None:
+            losses = losses + tf.where(losses > 0, triplet_penalty, tf.zeros_like(losses))
         return _pairs.mean_over_nonzero(losses, valid)
     has_neg = tf.reduce_any(neg_mask, axis=1)  # [B]
     if mining == "hard":
         hardest_pos = _pairs.masked_max(dist, pos_mask, axis=1)
         hardest_neg = _pairs.masked_min(dist, neg_mask, axis=1)
         valid = tf.logical_and(tf.reduce_any(pos_mask, axis=1), has_neg)
-        return _pairs.masked_mean(tf.nn.relu(hardest_pos - hardest_neg + margin), valid)
+        losses = tf.nn.relu(hardest_pos - hardest_neg + margin)
+        if triplet_penalty is not None:
+            p_idx = tf.argmax(tf.where(pos_mask, dist, tf.fill(tf.shape(dist), dist.dtype.min)), axis=1)
+            n_idx = tf.argmin(tf.where(neg_mask, dist, tf.fill(tf.shape(dist), dist.dtype.max)), axis=1)
+            anchors = tf.range(tf.shape(dist)[0], dtype=tf.int64)
+            chosen_penalty = tf.gather_nd(triplet_penalty, tf.stack([anchors, p_idx, n_idx], axis=1))
+            losses = losses + tf.where(losses > 0, chosen_penalty, tf.zeros_like(losses))
+        return _pairs.masked_mean(losses, valid)
     # semihard: for each (a, p), the closest negative with d_an > d_ap, else the farthest negative.
     farther = tf.logical_and(neg_mask[:, None, :], dist[:, None, :] > dist[:, :, None])  # [a, p, n]
     closest_farther = _pairs.masked_min(tf.broadcast_to(dist[:, None, :], tf.shape(farther)), farther, axis=2)
@@ -80,7 +95,16 @@ def triplet_loss_from_masks(
     has_farther = tf.reduce_any(farther, axis=2)
     chosen = tf.where(has_farther, closest_farther, tf.broadcast_to(farthest[:, None], tf.shape(dist)))
     valid = tf.logical_and(pos_mask, has_neg[:, None])
-    return _pairs.masked_mean(tf.nn.relu(dist - chosen + margin), valid)
+    losses = tf.nn.relu(dist - chosen + margin)
+    if triplet_penalty is not None:
+        big = tf.fill(tf.shape(farther), dist.dtype.max)
+        neg_dist = tf.broadcast_to(dist[:, None, :], tf.shape(farther))
+        idx_farther = tf.argmin(tf.where(farther, neg_dist, big), axis=2)  # [a, p]
+        idx_farthest = tf.argmax(tf.where(neg_mask, dist, tf.fill(tf.shape(dist), dist.dtype.min)), axis=1)  # [a]
+        n_idx = tf.where(has_farther, idx_farther, tf.broadcast_to(idx_farthest[:, None], tf.shape(idx_farther)))
+        chosen_penalty = tf.gather(triplet_penalty, n_idx, axis=2, batch_dims=2)  # t[a, p, n_ap]
+        losses = losses + tf.where(losses > 0, chosen_penalty, tf.zeros_like(losses))
+    return _pairs.masked_mean(losses, valid)
 
 
 def triplet_margin_loss(

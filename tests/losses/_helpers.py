@@ -71,3 +71,40 @@ def assert_all_finite(value, grads):
 
 def random_proxies(num: int, dim: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(num, dim)).astype(np.float32)
+
+
+def train_one_step(loss_name: str, loss_config: dict | None = None, expected_weight: str | None = None) -> None:
+    """``DRegModel(loss=loss_name)`` on tiny image data: one ``fit`` step, finite logs, the loss's weights move."""
+    import keras
+
+    from detreg_keras.model import DRegModel
+    from detreg_keras.optim import make_optimizer
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 4).astype("int32")
+    images = rng.uniform(0, 80, (16, 8, 8, 1)).astype("float32") + (labels[:, None, None, None] * 40.0)
+    model = DRegModel(
+        num_classes=4,
+        backbone="small_cnn",
+        image_size=8,
+        channels=1,
+        embedding_dim=16,
+        num_couplings=2,
+        hidden_units=16,
+        loss=loss_name,
+        loss_config=loss_config or {},
+    )
+    model.compile(optimizer=make_optimizer(learning_rate=1e-2, head_lr_multiplier=1.0))
+    model(images[:2])
+    before = [w.numpy().copy() for w in model.loss_min.trainable_weights]
+    history = model.fit(
+        images, labels, batch_size=16, epochs=1, verbose=0, shuffle=False, callbacks=[keras.callbacks.TerminateOnNaN()]
+    )
+    logs = history.history
+    assert model.loss_min.metric_name in logs, sorted(logs)
+    assert all(np.isfinite(v).all() for v in logs.values()), logs
+    if expected_weight is not None:
+        names = [w.path.split("/")[-1] for w in model.loss_min.trainable_weights]
+        assert names == [expected_weight], names
+        after = [w.numpy() for w in model.loss_min.trainable_weights]
+        assert any(not np.allclose(b, a) for b, a in zip(before, after)), "the loss's weights did not train"

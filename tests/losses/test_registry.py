@@ -30,8 +30,24 @@ REQUIRED = (
     "cosface",
     "arcface",
     "recall_at_k",
+    "margin",
+    "proxy_gml",
+    "triplet_dr",
 )
-PROXY_LOSSES = {"proxy_anchor", "proxy_nca", "proxy_nca_pp", "soft_triple", "normalized_softmax", "cosface", "arcface"}
+PROXY_LOSSES = {
+    "proxy_anchor",
+    "proxy_nca",
+    "proxy_nca_pp",
+    "soft_triple",
+    "proxy_gml",
+    "normalized_softmax",
+    "cosface",
+    "arcface",
+}
+#: Trainable weights of the losses that own some but no proxies.
+OTHER_WEIGHTS = {"margin": ["beta"]}
+#: Losses that draw random numbers at each call (an eager call draws other ones than the traced one).
+RANDOM_LOSSES = {"rho_triplet", "margin"}
 #: Non-default hyper-parameters (so the round trip is not satisfied by the defaults); seeds fix random losses.
 NON_DEFAULT = {
     "contrastive": {"neg_margin": 0.8},
@@ -42,6 +58,9 @@ NON_DEFAULT = {
     "multi_similarity": {"epsilon": 0.2},
     "circle": {"gamma": 64.0},
     "recall_at_k": {"simix": True, "seed": 4, "chunk_size": 3, "k_values": (1, 2)},
+    "margin": {"beta_mode": "global", "nu": 0.01, "seed": 5, "weight_cap": 30.0},
+    "triplet_dr": {"gamma": 0.4, "mining": "hard"},
+    "proxy_gml": {"proxies_per_class": 2, "r": 0.3},
     "proxy_nca": {"scale": 3.0},
     "proxy_nca_pp": {"temperature": 0.2},
     "soft_triple": {"num_centers": 3},
@@ -67,7 +86,7 @@ def test_get_builds_and_flags_proxies(name):
     value = layer(*BATCHES["mixed"])
     assert value.shape == () and np.isfinite(float(value))
     names = [w.path.split("/")[-1] for w in layer.trainable_weights]
-    assert names == (["proxies"] if name in PROXY_LOSSES else [])
+    assert names == (["proxies"] if name in PROXY_LOSSES else OTHER_WEIGHTS.get(name, []))
 
 
 @pytest.mark.parametrize("name", sorted(losses.LOSSES))
@@ -110,7 +129,7 @@ def test_tf_function_dynamic_batch_matches_eager(name):
     for x, y in ((x_a, y_a), (x_b, y_b)):
         loss, grads = step(tf.constant(x), tf.constant(y))
         assert_all_finite(float(loss), [g.numpy() for g in grads])
-        if name != "rho_triplet":  # random switches: the eager call would draw other ones
+        if name not in RANDOM_LOSSES:  # random draws: the eager call would draw other ones
             np.testing.assert_allclose(float(loss), float(layer(x, y)), rtol=1e-5, atol=1e-6)
 
 
