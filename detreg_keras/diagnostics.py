@@ -256,6 +256,8 @@ def local_lipschitz_network(
 
 
 def _head_fn(model) -> Fn:
+    if hasattr(model, "head_embedding"):  # DRegModel: includes its head-input normalisation
+        return lambda z: model.head_embedding(z, training=False)
     flow = getattr(model, "flow_min", None)
     if flow is None:
         return l2_normalize

@@ -16,7 +16,9 @@ graph) is a ``tfp.bijectors`` chain, in forward order:
 
   The shift-and-log-scale function of each ``tfb.RealNVP`` is the coupling's
   Keras network (:class:`CouplingNetwork`); the log-scale is bounded,
-  ``s = b·tanh(ŝ / b)``. Jacobian diagonal ``(1,…,1, exp(s))``.
+  ``s = b·tanh(ŝ / b)``, and optionally the shift too (``shift_bound``,
+  ``t = b_t·tanh(t̂ / b_t)``; default unbounded). Jacobian diagonal
+  ``(1,…,1, exp(s))``, whatever the shift.
 * **NICE** (:class:`NICEFlow`): the same chain with shift-only couplings
   (``tfb.RealNVP`` whose function returns no log-scale: volume preserving,
   Dinh et al. 2014), followed by a learned diagonal scale ``tfb.Scale``
@@ -95,6 +97,15 @@ def _check_bound(log_scale_bound: float) -> float:
     bound = float(log_scale_bound)
     if not (math.isfinite(bound) and bound > 0):
         raise ValueError(f"log_scale_bound must be a finite number > 0, got {log_scale_bound}.")
+    return bound
+
+
+def _check_shift_bound(shift_bound: float | None) -> float | None:
+    if shift_bound is None:
+        return None
+    bound = float(shift_bound)
+    if not (math.isfinite(bound) and bound > 0):
+        raise ValueError(f"shift_bound must be a finite number > 0 or None, got {shift_bound}.")
     return bound
 
 
@@ -189,7 +200,15 @@ class _Record:
 
 
 class _Coupling(keras.layers.Layer):
-    """Shared machinery of the affine and additive coupling layers (a ``tfb.RealNVP`` over a Keras net)."""
+    """Shared machinery of the affine and additive coupling layers (a ``tfb.RealNVP`` over a Keras net).
+
+    Args:
+        hidden_units: hidden widths of the coupling network.
+        activation: hidden activation.
+        log_scale_bound: bound ``b`` of the log-scale, ``s = b·tanh(ŝ/b)``.
+        shift_bound: bound ``b_t`` of the shift, ``t = b_t·tanh(t̂/b_t)``;
+            ``None`` (default): unbounded shift.
+    """
 
     with_scale: bool = True
 
@@ -198,12 +217,14 @@ class _Coupling(keras.layers.Layer):
         hidden_units: Sequence[int] = (512,),
         activation: str = "relu",
         log_scale_bound: float = 2.0,
+        shift_bound: float | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.hidden_units = _check_hidden_units(hidden_units)
         self.activation = activation
         self.log_scale_bound = _check_bound(log_scale_bound)
+        self.shift_bound = _check_shift_bound(shift_bound)
         self.net = None
 
     def build(self, input_shape):
@@ -226,6 +247,8 @@ class _Coupling(keras.layers.Layer):
 
     def _shift_and_log_scale(self, x0: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor | None]:
         shift, raw = self.net(x0)
+        if self.shift_bound is not None:
+            shift = bounded_log_scale(shift, self.shift_bound)  # the same soft clip, b·tanh(t/b)
         if raw is None:
             return shift, None
         return shift, bounded_log_scale(raw, self.log_scale_bound)
@@ -287,6 +310,7 @@ class _Coupling(keras.layers.Layer):
                 "hidden_units": list(self.hidden_units),
                 "activation": self.activation,
                 "log_scale_bound": self.log_scale_bound,
+                "shift_bound": self.shift_bound,
             }
         )
         return config
@@ -383,6 +407,10 @@ class FlowHead(keras.layers.Layer):
         hidden_units: hidden widths of each coupling network (paper: 512).
         activation: hidden activation of the coupling networks.
         log_scale_bound: bound of every log-scale, ``|s| < b`` (finite, > 0).
+        shift_bound: if given, every coupling shift is soft-clipped to
+            ``(-b, b)``, ``t = b·tanh(t̂/b)``; ``None`` (default): unbounded
+            shifts (layout versions 1-2). The Jacobian diagonal does not depend on
+            the shifts, so the regulariser is unchanged.
         permutation_seed: seed of the ``num_couplings - 1`` fixed permutations.
             They are stored as non-trainable weights, so a saved model keeps them
             whatever the NumPy version that reloads it.
@@ -399,6 +427,7 @@ class FlowHead(keras.layers.Layer):
         activation: str = "relu",
         log_scale_bound: float = 2.0,
         permutation_seed: int = 0,
+        shift_bound: float | None = None,
         **kwargs,
     ):
         kwargs.setdefault("dtype", "float32")
@@ -409,12 +438,14 @@ class FlowHead(keras.layers.Layer):
         self.hidden_units = _check_hidden_units(hidden_units)
         self.activation = activation
         self.log_scale_bound = _check_bound(log_scale_bound)
+        self.shift_bound = _check_shift_bound(shift_bound)
         self.permutation_seed = int(permutation_seed)
         self.couplings = [
             self.coupling_cls(
                 hidden_units=self.hidden_units,
                 activation=activation,
                 log_scale_bound=self.log_scale_bound,
+                shift_bound=self.shift_bound,
                 name=f"coupling_{k}",
                 dtype=self.dtype_policy,
             )
@@ -520,6 +551,7 @@ class FlowHead(keras.layers.Layer):
                 "activation": self.activation,
                 "log_scale_bound": self.log_scale_bound,
                 "permutation_seed": self.permutation_seed,
+                "shift_bound": self.shift_bound,
                 "layout_version": LAYOUT_VERSION,
             }
         )

@@ -49,6 +49,32 @@ def l2_normalize(x: tf.Tensor) -> tf.Tensor:
     return tf.math.l2_normalize(x, axis=-1, epsilon=1e-12)
 
 
+#: Choices of ``DRegModel(head_input_norm=...)``: what the flow heads see of ``z``.
+HEAD_INPUT_NORMS = ("none", "l2")
+
+
+def normalize_head_input(z: tf.Tensor, kind: str = "none") -> tf.Tensor:
+    """The flow heads' input: ``z`` itself (``"none"``) or ``√d · z / ‖z‖`` (``"l2"``).
+
+    ``"l2"`` is a fixed (parameter-free) normalisation between the embedding and
+    the heads, one reading of the paper's "activation layer for the connection
+    to the deep metric layers" (Sec. 5.2): every head input lies on the sphere
+    of radius ``√d`` (unit root-mean-square coordinate), whatever the scale of
+    ``z``. The plain baseline (``flow="none"``) is unaffected, since it
+    L2-normalises ``z`` anyway.
+
+    Args:
+        z: ``[B, d]`` features.
+        kind: one of :data:`HEAD_INPUT_NORMS`.
+    """
+    if kind == "none":
+        return z
+    if kind == "l2":
+        d = tf.cast(tf.shape(z)[-1], z.dtype)
+        return tf.sqrt(d) * l2_normalize(z)
+    raise ValueError(f"head_input_norm must be one of {HEAD_INPUT_NORMS}, got {kind!r}.")
+
+
 def _num_replicas() -> int:
     context = tf.distribute.get_replica_context()
     return 1 if context is None else int(context.num_replicas_in_sync)
@@ -190,6 +216,10 @@ class DRegModel(keras.Model):
         num_couplings: couplings per head (paper: 12).
         hidden_units: hidden widths of the coupling networks (paper: 512).
         log_scale_bound: bound on every coupling log-scale.
+        shift_bound: optional bound on every coupling shift, ``t = b·tanh(t̂/b)``
+            (``None``: unbounded, the behaviour before issue 13).
+        head_input_norm: ``"none"`` (the heads see ``z``) or ``"l2"`` (they see
+            ``√d · z/‖z‖``, :func:`normalize_head_input`).
         permutation_seed: seed of the flows' fixed permutations (head 2 uses seed+1).
         dueling: keep the maximising head (paper) or drop it (single head).
         lambda_min: λ1 of Eq. 11 (paper: 0.05).
@@ -227,6 +257,8 @@ class DRegModel(keras.Model):
         coupling_reduction: str = "sum",
         loss: str = "proxy_anchor",
         loss_config: dict[str, Any] | None = None,
+        shift_bound: float | None = None,
+        head_input_norm: str = "none",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -238,6 +270,8 @@ class DRegModel(keras.Model):
         check_weight(lambda_max, "lambda_max (λ2)")
         if coupling_reduction not in REDUCTIONS:
             raise ValueError(f"coupling_reduction must be one of {REDUCTIONS}, got {coupling_reduction!r}.")
+        if head_input_norm not in HEAD_INPUT_NORMS:
+            raise ValueError(f"head_input_norm must be one of {HEAD_INPUT_NORMS}, got {head_input_norm!r}.")
         if isinstance(hidden_units, int):
             hidden_units = (hidden_units,)
         self.num_classes = int(num_classes)
@@ -252,6 +286,8 @@ class DRegModel(keras.Model):
         self.num_couplings = int(num_couplings)
         self.hidden_units = tuple(int(h) for h in hidden_units)
         self.log_scale_bound = float(log_scale_bound)
+        self.shift_bound = None if shift_bound is None else float(shift_bound)
+        self.head_input_norm = head_input_norm
         self.permutation_seed = int(permutation_seed)
         self.dueling = bool(dueling) and self.flow_type != "none"
         self.lambda_min = float(lambda_min)
@@ -267,6 +303,7 @@ class DRegModel(keras.Model):
             num_couplings=self.num_couplings,
             hidden_units=self.hidden_units,
             log_scale_bound=self.log_scale_bound,
+            shift_bound=self.shift_bound,
         )
         self.flow_min = None
         self.flow_max = None
@@ -389,9 +426,13 @@ class DRegModel(keras.Model):
         return tf.cast(_call_and_collect(self.embedding, collected, features, training=training), tf.float32)
 
     def call(self, images, training=False):
-        z = self.embed_features(images, training=training)
+        return self.head_embedding(self.embed_features(images, training=training), training=training)
+
+    def head_embedding(self, z: tf.Tensor, training=False) -> tf.Tensor:
+        """The retrieval embedding of features ``z``: ``L2(flow_min(normalize_head_input(z)))``
+        (``L2(z)`` without flows)."""
         if self.flow_min is not None:
-            z = self.flow_min(z, training=training)
+            z = self.flow_min(normalize_head_input(z, self.head_input_norm), training=training)
         return l2_normalize(z)
 
     def compute_output_shape(self, input_shape):
@@ -448,6 +489,7 @@ class DRegModel(keras.Model):
         if self.flow_min is None:
             terms = {"dml": _call_and_collect(self.loss_min, collected, l2_normalize(z), labels)}
         else:
+            z = normalize_head_input(z, self.head_input_norm)
             terms = self._dueling_terms(z, labels, batch, collected)
         total = terms["dml"]
         if collected:
@@ -612,6 +654,8 @@ class DRegModel(keras.Model):
             "num_couplings": self.num_couplings,
             "hidden_units": list(self.hidden_units),
             "log_scale_bound": self.log_scale_bound,
+            "shift_bound": self.shift_bound,
+            "head_input_norm": self.head_input_norm,
             "permutation_seed": self.permutation_seed,
             "dueling": self.dueling,
             "lambda_min": self.lambda_min,

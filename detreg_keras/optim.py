@@ -27,10 +27,13 @@ class GroupAdamW(keras.optimizers.AdamW):
 
     Args:
         param_groups: list of ``{"pattern": regex, "lr_multiplier": float,
-            "start_step": int}`` rules matched (``re.search``) against
-            ``variable.path``; the first match wins. A variable that matches none
-            uses multiplier 1 and ``default_start_step``. A variable is not
-            updated (effective lr 0) while ``iterations < start_step``.
+            "start_step": int, "ramp_steps": int}`` rules matched
+            (``re.search``) against ``variable.path``; the first match wins. A
+            variable that matches none uses multiplier 1, ``default_start_step``
+            and no ramp. A variable is not updated (effective lr 0) while
+            ``iterations < start_step``; with ``ramp_steps = R > 0`` its
+            multiplier then rises linearly, ``× min(1, (iterations - start_step + 1) / R)``
+            (a warm-up of that group).
         default_start_step: start step of unmatched variables (e.g. the
             backbone's warm-up).
         **kwargs: ``keras.optimizers.AdamW`` arguments (``learning_rate`` may be
@@ -44,6 +47,7 @@ class GroupAdamW(keras.optimizers.AdamW):
                 "pattern": str(g["pattern"]),
                 "lr_multiplier": float(g.get("lr_multiplier", 1.0)),
                 "start_step": int(g.get("start_step", 0)),
+                "ramp_steps": int(g.get("ramp_steps", 0)),
             }
             for g in (param_groups or [])
         ]
@@ -51,6 +55,7 @@ class GroupAdamW(keras.optimizers.AdamW):
             re.compile(group["pattern"])  # fail early on a bad regex
         self.default_start_step = int(default_start_step)
         self._group_of: dict[Any, tuple[float, int]] = {}
+        self._ramp_of: dict[Any, int] = {}
 
     def group_for_path(self, path: str) -> tuple[float, int]:
         """``(lr_multiplier, start_step)`` of the variable at ``path``."""
@@ -59,17 +64,30 @@ class GroupAdamW(keras.optimizers.AdamW):
                 return group["lr_multiplier"], group["start_step"]
         return 1.0, self.default_start_step
 
+    def ramp_for_path(self, path: str) -> int:
+        """``ramp_steps`` of the variable at ``path`` (0: no warm-up ramp)."""
+        for group in self.param_groups:
+            if re.search(group["pattern"], path):
+                return group["ramp_steps"]
+        return 0
+
     def build(self, var_list):
         super().build(var_list)
         for variable in var_list:
             self._group_of[self._var_key(variable)] = self.group_for_path(variable.path)
+            self._ramp_of[self._var_key(variable)] = self.ramp_for_path(variable.path)
 
     def _scale(self, variable) -> tf.Tensor | float:
-        multiplier, start_step = self._group_of.get(self._var_key(variable), (1.0, self.default_start_step))
-        if start_step <= 0:
-            return multiplier
-        active = tf.cast(self.iterations >= start_step, variable.dtype)
-        return multiplier * active
+        key = self._var_key(variable)
+        multiplier, start_step = self._group_of.get(key, (1.0, self.default_start_step))
+        ramp_steps = self._ramp_of.get(key, 0)
+        scale = multiplier
+        if start_step > 0:
+            scale = scale * tf.cast(self.iterations >= start_step, variable.dtype)
+        if ramp_steps > 0:
+            done = tf.cast(self.iterations - start_step + 1, variable.dtype)
+            scale = scale * tf.clip_by_value(done / float(ramp_steps), 0.0, 1.0)
+        return scale
 
     def update_step(self, gradient, variable, learning_rate):
         scaled = tf.cast(learning_rate, variable.dtype) * tf.cast(self._scale(variable), variable.dtype)
@@ -106,6 +124,7 @@ def make_optimizer(
     warmup_steps: int = 0,
     end_learning_rate: float = 0.0,
     clipvalue: float | None = None,
+    head_warmup_steps: int = 0,
     **kwargs: Any,
 ) -> GroupAdamW:
     """The paper's recipe: AdamW, backbone lr, 10x for heads and proxies, linear decay.
@@ -126,11 +145,16 @@ def make_optimizer(
         clipvalue: if given, every gradient element is clipped to
             ``[-clipvalue, clipvalue]`` before the AdamW update (the official
             Proxy Anchor code clips by value at 10); ``None``: no clipping.
+        head_warmup_steps: the flow heads' learning rate rises linearly from
+            ``1/head_warmup_steps`` to its full value over these first steps
+            (0: no warm-up of the heads).
         **kwargs: further ``GroupAdamW`` / ``AdamW`` arguments.
 
     Raises:
         ValueError: ``clipvalue`` is not a finite number > 0.
     """
+    if int(head_warmup_steps) < 0:
+        raise ValueError(f"head_warmup_steps must be >= 0, got {head_warmup_steps}.")
     if clipvalue is not None:
         clipvalue = float(clipvalue)
         if not (math.isfinite(clipvalue) and clipvalue > 0):
@@ -145,7 +169,8 @@ def make_optimizer(
             power=1.0,
         )
     groups = [
-        {"pattern": FLOW_PATTERN, "lr_multiplier": head_lr_multiplier, "start_step": 0},
+        {"pattern": FLOW_PATTERN, "lr_multiplier": head_lr_multiplier, "start_step": 0,
+         "ramp_steps": int(head_warmup_steps)},
         {"pattern": PROXY_PATTERN, "lr_multiplier": proxy_lr_multiplier, "start_step": 0},
         {"pattern": EMBEDDING_PATTERN, "lr_multiplier": embedding_lr_multiplier, "start_step": warmup_steps},
     ]

@@ -53,6 +53,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -65,6 +66,7 @@ import tensorflow as tf
 
 from detreg_keras.backbones import build_backbone
 from detreg_keras.data import (
+    DecodeStats,
     ImageRecords,
     RandomSampler,
     carve_validation_classes,
@@ -138,6 +140,10 @@ class TrainConfig:
     epsilon: float = 0.4
     regularizer_form: str = "log1p"
     loss: str = "proxy_anchor"
+    log_scale_bound: float = 2.0  # bound of the coupling log-scales, |s| < b
+    coupling_reduction: str = "sum"  # R over the K couplings: "sum" or "mean"
+    shift_bound: float | None = None  # bound of the coupling shifts, t = b·tanh(t̂/b); None: unbounded
+    head_input_norm: str = "none"  # "none" or "l2" (the heads see √d·z/‖z‖)
     # ------------------------------------------------------------ training
     epochs: int = 20
     batch_size: int = 64
@@ -146,6 +152,8 @@ class TrainConfig:
     proxy_lr_multiplier: float = 10.0
     weight_decay: float = 1e-4
     warmup_epochs: int = 0
+    head_warmup_epochs: float = 0.0  # the heads' lr ramps up linearly over these first epochs; 0: off
+    clipvalue: float | None = None  # clip every gradient element to [-c, c] (official Proxy Anchor: 10)
     seed: int = 0
     # ---------------------------------------------------------- evaluation
     ks: Sequence[int] = (1, 2, 4, 8)
@@ -487,7 +495,7 @@ def make_array_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, 
 
 
 def make_training_data(
-    source: Source, cfg: TrainConfig, labels: np.ndarray | None = None
+    source: Source, cfg: TrainConfig, labels: np.ndarray | None = None, stats: DecodeStats | None = None
 ) -> tuple[tf.data.Dataset, int]:
     """The training pipeline of ``cfg`` and its number of batches per epoch.
 
@@ -523,6 +531,7 @@ def make_training_data(
             seed=cfg.seed,
             scale=(cfg.crop_scale_min, 1.0),
             flip=cfg.flip,
+            stats=stats,
         )
     elif cfg.sampler == "random":
         steps = len(labels) // cfg.batch_size
@@ -536,19 +545,25 @@ def make_training_data(
             seed=cfg.seed,
             scale=(cfg.crop_scale_min, 1.0),
             flip=cfg.flip,
+            stats=stats,
         )
     else:
         raise ValueError(f"sampler must be 'random' or 'm_per_class', got {cfg.sampler!r}.")
     return _with_channels(ds, cfg.channels), steps
 
 
-def make_evaluation_data(source: Source, cfg: TrainConfig) -> tuple[Any, int | None]:
-    """Evaluation data for :func:`embed_with_progress` and its number of batches (if known)."""
+def make_evaluation_data(
+    source: Source, cfg: TrainConfig, stats: DecodeStats | None = None
+) -> tuple[Any, int | None]:
+    """Evaluation data for :func:`embed_with_progress` and its number of batches (if known).
+
+    ``stats`` (optional) counts the images the pipeline drops as unreadable.
+    """
     if isinstance(source, tuple):
         x, y = source
         return (x.astype("float32"), y), math.ceil(len(x) / cfg.eval_batch_size)
     ds = make_eval_dataset(
-        source, cfg.eval_batch_size, cfg.image_size, resize_size=cfg.resize_size, mode=cfg.eval_mode
+        source, cfg.eval_batch_size, cfg.image_size, resize_size=cfg.resize_size, mode=cfg.eval_mode, stats=stats
     )
     total = math.ceil(len(source) / cfg.eval_batch_size) if isinstance(source, ImageRecords) else None
     return _with_channels(ds, cfg.channels), total
@@ -588,15 +603,42 @@ def embed_with_progress(
     return emb, lab
 
 
+def report_dropped(stats: DecodeStats, what: str) -> int:
+    """Prints one ``warning:`` line (stderr) if the pipeline counted by ``stats`` dropped images.
+
+    The pipelines skip images that fail to decode (e.g. a JPEG cut off in a copy:
+    its header passes the listing check, its data does not decode), so that a
+    bad file does not stop a run; this makes every such drop visible once the
+    iteration has finished.
+
+    Args:
+        stats: the :class:`DecodeStats` passed to the pipeline.
+        what: what was read, for the message (``"test images"``).
+
+    Returns:
+        The number of dropped images.
+    """
+    dropped = stats.dropped
+    if dropped > 0:
+        print(f"warning: {what}: {stats.summary()}; those files are unreadable (re-copy or remove them).",
+              file=sys.stderr, flush=True)  # fmt: skip
+    return dropped
+
+
 def evaluate_splits(model: keras.Model, splits: DataSplits, cfg: TrainConfig, verbose: int | None = None) -> dict[str, float]:
     """Test metrics of ``model``: all-vs-all on ``splits.test`` or query/gallery (In-shop)."""
     verbose = cfg.verbose if verbose is None else verbose
-    data, total = make_evaluation_data(splits.test, cfg)
-    emb, labels = embed_with_progress(model, data, total, cfg.eval_batch_size, verbose, "test" if splits.query is None else "gallery")
+    name = "test" if splits.query is None else "gallery"
+    stats = DecodeStats()
+    data, total = make_evaluation_data(splits.test, cfg, stats)
+    emb, labels = embed_with_progress(model, data, total, cfg.eval_batch_size, verbose, name)
+    report_dropped(stats, f"{name} images")
     q_emb = q_labels = None
     if splits.query is not None:
-        data, total = make_evaluation_data(splits.query, cfg)
+        stats = DecodeStats()
+        data, total = make_evaluation_data(splits.query, cfg, stats)
         q_emb, q_labels = embed_with_progress(model, data, total, cfg.eval_batch_size, verbose, "query")
+        report_dropped(stats, "query images")
     return evaluate_embeddings(
         emb, labels, ks=tuple(cfg.ks), query_embeddings=q_emb, query_labels=q_labels, metrics=tuple(cfg.metrics)
     )
@@ -849,6 +891,10 @@ def build_model(cfg: TrainConfig, num_classes: int) -> DRegModel:
         epsilon=cfg.epsilon,
         regularizer_form=cfg.regularizer_form,
         loss=cfg.loss,
+        log_scale_bound=cfg.log_scale_bound,
+        coupling_reduction=cfg.coupling_reduction,
+        shift_bound=cfg.shift_bound,
+        head_input_norm=cfg.head_input_norm,
     )
 
 
@@ -861,6 +907,8 @@ def make_run_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> keras.optimize
         weight_decay=cfg.weight_decay,
         total_steps=steps_per_epoch * cfg.epochs,
         warmup_steps=steps_per_epoch * cfg.warmup_epochs,
+        clipvalue=cfg.clipvalue,
+        head_warmup_steps=int(round(steps_per_epoch * cfg.head_warmup_epochs)),
     )
 
 
@@ -938,7 +986,8 @@ def run_training(
     keras.utils.set_random_seed(cfg.seed)
     splits, validation = load_splits(cfg)
     train_labels = source_labels(splits.train)
-    train_ds, steps_per_epoch = make_training_data(splits.train, cfg, train_labels)
+    train_stats = DecodeStats()
+    train_ds, steps_per_epoch = make_training_data(splits.train, cfg, train_labels, train_stats)
     num_classes = int(train_labels.max()) + 1
     if cfg.verbose:
         print(f"{method_label(cfg)} on {cfg.dataset}: training on {_describe(splits.train, train_labels)}, "
@@ -995,6 +1044,7 @@ def run_training(
         # then warns that the input "ran out of data", which is how such an epoch ends.
         warnings.filterwarnings("ignore", message="Your input ran out of data")
         model.fit(train_ds, epochs=cfg.epochs, verbose=cfg.verbose, callbacks=fit_callbacks, shuffle=False)
+    report_dropped(train_stats, "training images (all epochs)")
 
     model.save(run_dir / "model.keras")
     eval_start = time.perf_counter()

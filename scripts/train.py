@@ -78,6 +78,10 @@ def _optional_str(value: str) -> str | None:
     return None if value.lower() in ("none", "null", "") else value
 
 
+def _optional_float(value: str) -> float | None:
+    return None if value.lower() in ("none", "null", "") else float(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The CLI; every flag but --preset/--resume defaults to 'not given' so a preset can fill it."""
     d = TrainConfig()
@@ -130,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epsilon", type=float)
     g.add_argument("--regularizer-form", choices=("log1p", "logdet"))
     g.add_argument("--loss")
+    g.add_argument("--log-scale-bound", type=float, help="bound b of the coupling log-scales, |s| < b (default 2)")
+    g.add_argument("--coupling-reduction", choices=("sum", "mean"), help="R over the K couplings (default sum)")
+    g.add_argument("--shift-bound", type=_optional_float, help="bound b of the coupling shifts, b·tanh(t/b) ('none': unbounded)")
+    g.add_argument("--head-input-norm", choices=("none", "l2"), help="'l2': the flow heads see sqrt(d)·z/|z|")
 
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int)
@@ -139,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--proxy-lr-multiplier", type=float)
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--warmup-epochs", type=int, help="epochs with a frozen backbone")
+    g.add_argument("--head-warmup-epochs", type=float, help="the flow heads' lr ramps up linearly over these epochs")
+    g.add_argument("--clipvalue", type=_optional_float, help="clip gradients by value at C ('none': no clipping)")
     g.add_argument("--seed", type=int)
 
     g = p.add_argument_group("evaluation and output")

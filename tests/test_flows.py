@@ -214,10 +214,14 @@ def _numpy_forward(flow, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             out = a @ layer.net.out.kernel.numpy().astype(np.float64) + layer.net.out.bias.numpy()
             if layer.with_scale:
                 shift, raw = out[:, : h.shape[1] - m], out[:, h.shape[1] - m :]
+                if layer.shift_bound is not None:
+                    shift = layer.shift_bound * np.tanh(shift / layer.shift_bound)
                 s = bound * np.tanh(raw / bound)
                 h = np.concatenate([x0, x1 * np.exp(s) + shift], axis=1)
                 diags.append(np.concatenate([np.zeros_like(x0), s], axis=1))
             else:
+                if layer.shift_bound is not None:
+                    out = layer.shift_bound * np.tanh(out / layer.shift_bound)
                 h = np.concatenate([x0, x1 + out], axis=1)
                 diags.append(np.zeros_like(h))
         if perm is not None:
@@ -369,3 +373,60 @@ def test_layout_version_is_saved_and_checked():
     np.testing.assert_array_equal(clone(x).numpy(), flow(x).numpy())
     with pytest.raises(ValueError, match="flow layout version 7 .*newer detreg_keras"):
         NICEFlow.from_config({**config, "layout_version": 7})
+
+
+# ----------------------------------------------------------------------------------------------
+# Bounded shifts (issue 13): t = b·tanh(t̂/b)
+
+
+@pytest.mark.parametrize("cls", FLOWS)
+def test_bounded_shifts_against_numpy_and_autodiff(cls):
+    """A head with shift_bound: y and log|J_tt| against the float64 numpy reference, log-det against slogdet."""
+    flow = cls(num_couplings=4, hidden_units=(16,), shift_bound=0.3, dtype="float64", permutation_seed=3)
+    flow.build((None, 8))
+    _perturb(flow, scale=2.0, seed=4)  # large raw shifts: the bound is active
+    x = tf.random.stateless_normal((5, 8), seed=(4, 2), dtype=tf.float64)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y, log_diag = flow.forward_with_log_diag(x)
+    y_np, log_diag_np = _numpy_forward(flow, x.numpy())
+    np.testing.assert_allclose(y.numpy(), y_np, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(log_diag.numpy(), log_diag_np, rtol=1e-10, atol=1e-10)
+    _, reference = np.linalg.slogdet(tape.batch_jacobian(y, x).numpy())
+    np.testing.assert_allclose(log_diag.numpy().sum((1, 2)), reference, atol=1e-9)
+    np.testing.assert_allclose(flow.inverse(y).numpy(), x.numpy(), atol=1e-9)
+    # the unbounded head with the same weights differs: the bound is doing something
+    free = cls(num_couplings=4, hidden_units=(16,), dtype="float64", permutation_seed=3)
+    free.build((None, 8))
+    free.set_weights(flow.get_weights())
+    assert np.abs(free(x).numpy() - y.numpy()).max() > 0.1
+
+
+def test_each_bounded_shift_stays_within_its_bound():
+    coupling = AffineCoupling(hidden_units=(8,), shift_bound=0.25)
+    coupling.build((None, 6))
+    _perturb(coupling, scale=20.0, seed=1)
+    x = tf.random.normal((64, 6), stddev=50.0, seed=2)
+    shift, _ = coupling._shift_and_log_scale(x[:, : coupling.num_masked])
+    assert np.abs(shift.numpy()).max() <= 0.25
+    assert np.abs(shift.numpy()).max() > 0.2  # saturated, not trivially small
+
+
+@pytest.mark.parametrize("cls", FLOWS)
+def test_shift_bound_config_round_trip_and_default(cls, tmp_path):
+    flow = _make(cls, dim=6, shift_bound=0.5)
+    _perturb(flow, seed=7)
+    config = flow.get_config()
+    assert config["shift_bound"] == 0.5 and all(c.shift_bound == 0.5 for c in flow.couplings)
+    inputs = keras.Input((6,))
+    model = keras.Model(inputs, flow(inputs))
+    model.save(tmp_path / "bounded.keras")
+    loaded = keras.models.load_model(tmp_path / "bounded.keras")
+    x = tf.random.normal((4, 6), seed=13)
+    np.testing.assert_allclose(loaded(x).numpy(), flow(x).numpy(), atol=1e-6)
+    # configs written before the option (no key) mean unbounded shifts
+    old = {k: v for k, v in config.items() if k != "shift_bound"}
+    assert cls.from_config(old).shift_bound is None
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="shift_bound"):
+            cls(num_couplings=2, shift_bound=bad)

@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from detreg_keras.augment import between_sample_augment
 from detreg_keras.losses import proxy_anchor_loss
-from detreg_keras.model import DRegModel, l2_normalize
+from detreg_keras.model import DRegModel, l2_normalize, normalize_head_input
 from detreg_keras.optim import make_optimizer
 from detreg_keras.regularizers import determinant_regularizer
 
@@ -578,3 +578,55 @@ def test_nice_regularizer_is_input_independent_and_sends_no_gradient_to_the_back
                           + model.flow_min.couplings[0].trainable_weights + [model.flow_min.scale.raw_log_scale])
     assert all(g is None for g in grads[:-1])
     assert np.abs(grads[-1].numpy()).max() > 0  # only the diagonal scale σ receives R's gradient
+
+
+# ----------------------------------------------------------------------------------------------
+# Head-input normalisation and bounded shifts (issue 13)
+
+
+def test_l2_head_input_is_sqrt_d_times_the_unit_feature():
+    z = tf.constant([[3.0, 4.0], [0.0, -2.0]])
+    np.testing.assert_allclose(normalize_head_input(z, "l2").numpy(),
+                               np.sqrt(2.0) * np.array([[0.6, 0.8], [0.0, -1.0]]), rtol=1e-6)
+    np.testing.assert_array_equal(normalize_head_input(z, "none").numpy(), z.numpy())
+    with pytest.raises(ValueError, match="head_input_norm"):
+        normalize_head_input(z, "batch")
+
+
+def test_l2_head_input_feeds_both_heads_and_inference():
+    """head_input_norm="l2": the heads see √d·z/‖z‖ in training and inference; the embedding ignores ‖z‖."""
+    x, y = _data(20)
+    model = _model(head_input_norm="l2", shift_bound=0.5)
+    model(x[:2])
+    _perturb_heads(model, seed=3)
+    z = model.embed_features(tf.constant(x))
+    d = float(model.embedding_dim)
+    u = np.sqrt(d) * z.numpy() / np.linalg.norm(z.numpy(), axis=1, keepdims=True)  # independent reference
+    expected = l2_normalize(model.flow_min(tf.constant(u))).numpy()
+    np.testing.assert_allclose(model.predict(x, verbose=0), expected, atol=1e-5)
+    np.testing.assert_allclose(model.head_embedding(3.0 * z).numpy(), model.head_embedding(z).numpy(), atol=1e-5)
+    terms = model.compute_dreg_losses(tf.constant(x), tf.constant(y))
+    aug, valid = between_sample_augment(tf.constant(u), y, 0.4)
+    points = tf.concat([tf.constant(u), aug], 0)
+    mask = tf.concat([tf.ones_like(valid), valid], 0)
+    _, ld1 = model.flow_min.forward_with_log_diag(points)
+    _, ld2 = model.flow_max.forward_with_log_diag(points)
+    np.testing.assert_allclose(terms["reg_min"].numpy(), determinant_regularizer(ld1, mask=mask).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(terms["reg_max"].numpy(), determinant_regularizer(ld2, mask=mask).numpy(), rtol=1e-5)
+    assert model.flow_min.shift_bound == model.flow_max.shift_bound == 0.5
+
+
+def test_head_input_norm_and_shift_bound_are_saved(tmp_path):
+    x, _ = _data(10)
+    model = _model(head_input_norm="l2", shift_bound=1.0)
+    model(x[:2])
+    _perturb_heads(model, seed=4)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    assert loaded.head_input_norm == "l2" and loaded.shift_bound == 1.0
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)
+    config = model.get_config()
+    old = {k: v for k, v in config.items() if k not in ("head_input_norm", "shift_bound")}
+    assert DRegModel.from_config(old).head_input_norm == "none"
+    with pytest.raises(ValueError, match="head_input_norm"):
+        _model(head_input_norm="tanh")

@@ -114,3 +114,30 @@ def test_clipvalue_clips_each_gradient_before_the_adam_update():
 def test_bad_clipvalue_is_rejected(clipvalue):
     with pytest.raises(ValueError, match="clipvalue"):
         make_optimizer(clipvalue=clipvalue)
+
+
+def test_head_warmup_ramps_only_the_flow_heads_linearly():
+    """Adam steps: the heads' k-th step uses lr·min(1, k/R); proxies and backbone the full lr."""
+    ramp = 4
+    grads = [1.0, -0.5, 2.0, 1.5, -1.0, 0.7]
+    flow, proxy, backbone = _variables()
+    opt = make_optimizer(learning_rate=1e-2, head_lr_multiplier=1.0, proxy_lr_multiplier=1.0, weight_decay=0.0,
+                         head_warmup_steps=ramp)
+    for g in grads:
+        opt.apply([np.full((1, 1), g, "float32")] * 3, [flow, proxy, backbone])
+    # independent reference: Keras' Adam with a per-step learning rate
+    theta, m, v = 1.0, 0.0, 0.0
+    for t, g in enumerate(grads, start=1):
+        m = 0.9 * m + 0.1 * g
+        v = 0.999 * v + 0.001 * g * g
+        lr_t = 1e-2 * min(1.0, t / ramp) * np.sqrt(1 - 0.999**t) / (1 - 0.9**t)
+        theta -= lr_t * m / (np.sqrt(v) + 1e-7)
+    np.testing.assert_allclose(flow.numpy()[0, 0], theta, rtol=1e-5)
+    np.testing.assert_allclose(proxy.numpy()[0, 0], _numpy_adam(grads, lr=1e-2), rtol=1e-5)
+    np.testing.assert_allclose(backbone.numpy()[0, 0], _numpy_adam(grads, lr=1e-2), rtol=1e-5)
+    assert abs(theta - _numpy_adam(grads, lr=1e-2)) > 1e-3  # the ramp is visible
+    clone = GroupAdamW.from_config(opt.get_config())
+    assert clone.ramp_for_path("model/dreg_flow_min/coupling_0/net/out/kernel") == ramp
+    assert clone.ramp_for_path("conv1/kernel") == 0
+    with pytest.raises(ValueError, match="head_warmup_steps"):
+        make_optimizer(head_warmup_steps=-1)

@@ -368,6 +368,41 @@ def test_folder_dataset_trains_on_image_files(tmp_path):
     assert result["metrics"]["epochs"] == 1 and 0.0 <= result["metrics"]["recall@1"] <= 1.0
 
 
+def test_unreadable_images_dropped_by_the_pipelines_are_reported(tmp_path, capsys):
+    """A JPEG cut off at 60% passes the folder listing but not the decoder: training and test say so."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    for c in range(4):  # classes 0-1 train, 2-3 test (the DML half split)
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(6):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=90)
+            data = buf.getvalue()
+            if i == 0:  # one truncated file per class
+                data = data[: int(len(data) * 0.6)]
+            (root / f"class{c}" / f"{i}.jpg").write_bytes(data)
+    cfg = tiny(tmp_path, dataset="folder", train_dir=str(root), epochs=2, batch_size=4, run_name="drops",
+               eval_mode="resize", flow="none", ks=(1,), sampler="random")  # fmt: skip
+    result = run_training(cfg)
+    err = capsys.readouterr().err
+    # 2 truncated of 12 training images, over 2 epochs; 2 of 12 test images
+    assert "warning: training images (all epochs): 20 of 24 images decoded, 4 dropped" in err, err
+    assert "warning: test images: 10 of 12 images decoded, 2 dropped" in err, err
+    assert 0.0 <= result["metrics"]["recall@1"] <= 1.0
+
+
+def test_report_dropped_is_silent_without_drops(capsys):
+    from detreg_keras.data import DecodeStats
+    from detreg_keras.training import report_dropped
+
+    assert report_dropped(DecodeStats(), "test images") == 0
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.slow
 def test_tfds_preset_on_mocked_cub200(tmp_path):
     """The cub200 preset's data path (tfds union split, label pass, validation carve on a
@@ -439,3 +474,38 @@ def test_main_job_prints_the_baseline_table_with_compare(tmp_path, capsys):
             [100 * metrics[k] for k in ("recall@1", "recall@2", "recall@4", "recall@8", "map@r", "nmi")], abs=0.006
         )
     assert (tmp_path / "main" / "recall_at_k.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ----------------------------------------------------------------------------- head stability options (issue 13)
+
+
+def test_head_stability_fields_reach_the_model_and_the_optimizer(tmp_path):
+    from detreg_keras.training import make_run_optimizer
+
+    cfg = tiny(tmp_path, shift_bound=1.5, head_input_norm="l2", log_scale_bound=0.5, coupling_reduction="mean",
+               clipvalue=10.0)
+    model = build_model(cfg, num_classes=5)
+    assert model.head_input_norm == "l2" and model.shift_bound == 1.5 and model.log_scale_bound == 0.5
+    assert model.flow_min.shift_bound == 1.5 and model.flow_min.log_scale_bound == 0.5
+    assert model.reg_min.coupling_reduction == "mean"
+    assert make_run_optimizer(cfg, steps_per_epoch=4).clipvalue == 10.0
+    warm = make_run_optimizer(tiny(tmp_path, head_warmup_epochs=1.5), steps_per_epoch=4)
+    assert warm.ramp_for_path("dreg_flow_max/coupling_0/net/out/kernel") == 6
+    defaults = build_model(tiny(tmp_path), num_classes=5)
+    assert (defaults.head_input_norm, defaults.shift_bound, defaults.log_scale_bound) == ("none", None, 2.0)
+    assert make_run_optimizer(tiny(tmp_path), steps_per_epoch=4).clipvalue is None
+    # an old run's config.json (written before these fields) still loads
+    old = {k: v for k, v in cfg.to_dict().items()
+           if k not in ("shift_bound", "head_input_norm", "log_scale_bound", "coupling_reduction", "clipvalue",
+                        "head_warmup_epochs")}
+    assert TrainConfig.from_dict(old).shift_bound is None
+
+
+def test_head_stability_flags():
+    cfg = train_script.parse_args(["--shift-bound", "1", "--head-input-norm", "l2", "--log-scale-bound", "0.5",
+                                   "--coupling-reduction", "mean", "--clipvalue", "10",
+                                   "--head-warmup-epochs", "1"]).cfg
+    assert (cfg.shift_bound, cfg.head_input_norm, cfg.log_scale_bound) == (1.0, "l2", 0.5)
+    assert (cfg.coupling_reduction, cfg.clipvalue, cfg.head_warmup_epochs) == ("mean", 10.0, 1.0)
+    cfg = train_script.parse_args(["--shift-bound", "none", "--clipvalue", "none"]).cfg
+    assert cfg.shift_bound is None and cfg.clipvalue is None
