@@ -199,7 +199,25 @@ class _Record:
         self.calls = 0
 
 
-class _Coupling(keras.layers.Layer):
+class _BijectorLayer(keras.layers.Layer):
+    """A layer whose transform is the fresh ``tfb`` bijector returned by ``make_bijector()``."""
+
+    def make_bijector(self, record: _Record | None = None) -> tfb.Bijector:
+        raise NotImplementedError
+
+    def call(self, x):
+        return self.make_bijector().forward(x)
+
+    def inverse(self, y: tf.Tensor) -> tf.Tensor:
+        """The inverse map (the bijector's closed-form ``inverse``)."""
+        return self.make_bijector().inverse(y)
+
+    def bijector(self) -> tfb.Bijector:
+        """The layer's transform as a ``tfp.bijectors`` bijector over its weights."""
+        return self.make_bijector()
+
+
+class _Coupling(_BijectorLayer):
     """Shared machinery of the affine and additive coupling layers (a ``tfb.RealNVP`` over a Keras net).
 
     Args:
@@ -292,17 +310,6 @@ class _Coupling(keras.layers.Layer):
         y = self.make_bijector(record).forward(x)
         return y, self.log_diag(record)
 
-    def call(self, x):
-        return self.make_bijector().forward(x)
-
-    def inverse(self, y: tf.Tensor) -> tf.Tensor:
-        """Invert the coupling (``tfb.RealNVP.inverse``, closed form)."""
-        return self.make_bijector().inverse(y)
-
-    def bijector(self) -> tfb.Bijector:
-        """The coupling as a ``tfb.RealNVP`` over this layer's Keras network."""
-        return self.make_bijector()
-
     def get_config(self) -> dict:
         config = super().get_config()
         config.update(
@@ -338,7 +345,7 @@ class AdditiveCoupling(_Coupling):
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-class DiagonalScale(keras.layers.Layer):
+class DiagonalScale(_BijectorLayer):
     """Learned per-dimension scale ``y = x ⊙ exp(σ)`` (the scaling layer of NICE), as ``tfb.Scale``.
 
     ``σ`` is initialised to 0 and bounded like the coupling log-scales. Its
@@ -378,15 +385,6 @@ class DiagonalScale(keras.layers.Layer):
         record = _Record()
         y = self.make_bijector(record).forward(x)
         return y, self.log_diag(record, y)
-
-    def call(self, x):
-        return self.make_bijector().forward(x)
-
-    def inverse(self, y: tf.Tensor) -> tf.Tensor:
-        return self.make_bijector().inverse(y)
-
-    def bijector(self) -> tfb.Bijector:
-        return self.make_bijector()
 
     def get_config(self) -> dict:
         config = super().get_config()
