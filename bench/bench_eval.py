@@ -188,7 +188,7 @@ def main(argv=None) -> int:
     n, d = x.shape
     flop = 2.0 * n * n * d
     max_block_bytes = int(args.max_block_mib * 2**20)
-    rows = M._resolve_block_rows(n, n, args.block_size, max_block_bytes)
+    rows = M.exact._resolve_block_rows(n, n, args.block_size, max_block_bytes)
     sizes = np.bincount(y)
     print(f"data: {n} x {d}, {len(sizes)} classes of {sizes.min()}-{sizes.max()} (mean {sizes.mean():.2f}), "
           f"ks={ks}, 2*N^2*d = {flop:.3e} FLOP", flush=True)

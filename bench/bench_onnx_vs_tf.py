@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     import tensorflow as tf  # noqa: PLC0415
     from detreg_keras import export  # noqa: PLC0415
     from detreg_keras.cpu import cpu_info, describe  # noqa: PLC0415
-    from detreg_keras.retrieval import Embedder  # noqa: PLC0415
+    from detreg_runtime.embedder import Embedder  # noqa: PLC0415
 
     print(f"cpu: {describe()}; TensorFlow oneDNN: {detreg_keras._backend.onednn_enabled()}", flush=True)
     keras.utils.set_random_seed(0)

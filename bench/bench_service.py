@@ -1,9 +1,11 @@
 #!/usr/bin/env python
-"""Load and memory figures of the HTTP retrieval service (``python -m detreg_keras.serving``), loopback only.
+"""Start-up, load and memory figures of the HTTP retrieval service (``python -m detreg_runtime``), loopback only.
 
 Starts the service in a subprocess on 127.0.0.1 with a small 28x28x1 model
 (ONNX) and a 500-image flat index, then measures, in this order:
 
+0. **start-up**: seconds from the process start to the first ``/health`` answer,
+   and the service's RSS then;
 1. **normal load**: ``--clients`` keep-alive clients POST ``/search?k=5`` with one
    image (JSON base64; ``--query png28``: a 28x28 PNG, ``jpeg64``: a 64x64 JPEG)
    for ``--seconds``: requests/s, p50/p99 latency, errors, service RSS before/after;
@@ -13,7 +15,8 @@ Starts the service in a subprocess on 127.0.0.1 with a small 28x28x1 model
    status and the CPU seconds the service spent on it.
 
     python bench/bench_service.py                       # the working tree
-    PYTHONPATH=/path/to/other/checkout python bench/bench_service.py --label old
+    python bench/bench_service.py --query jpeg64 --load-only
+    PYTHONPATH=/path/to/old/checkout python bench/bench_service.py --label old --module detreg_keras.serving
 
 Bounded: every request has a timeout, the service is killed at the end.
 Prints one JSON object (also written to ``--output`` when given).
@@ -96,7 +99,7 @@ def _post(conn: http.client.HTTPConnection, path: str, body: bytes) -> tuple[int
 
 
 def query_image(kind: str) -> bytes:
-    """``"png28"``: a 28x28 gray PNG (the model's size); ``"jpeg64"``: a 64x64 RGB JPEG (decoded by TF, resized)."""
+    """``"png28"``: a 28x28 gray PNG (the model's size); ``"jpeg64"``: a 64x64 RGB JPEG (decoded, resized)."""
     rng = np.random.default_rng(7)
     if kind == "png28":
         return _png(rng.integers(0, 256, (28, 28), dtype=np.uint8))
@@ -228,6 +231,8 @@ def main(argv=None) -> int:
     p.add_argument("--serve-args", default="", help="extra arguments for the service CLI")
     p.add_argument("--load-only", action="store_true", help="only the normal-load phase")
     p.add_argument("--query", choices=("png28", "jpeg64"), default="png28", help="the normal-load query image")
+    p.add_argument("--module", default="detreg_runtime",
+                   help="module started with python -m (detreg_keras.serving before the runtime existed)")
     args = p.parse_args(argv)
 
     import detreg_keras
@@ -236,8 +241,9 @@ def main(argv=None) -> int:
         onnx_path, index_dir = build_assets(Path(tmp))
         port = _free_port()
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-        cmd = [sys.executable, "-m", "detreg_keras.serving", "--model", str(onnx_path), "--index", str(index_dir),
+        cmd = [sys.executable, "-m", args.module, "--model", str(onnx_path), "--index", str(index_dir),
                "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *args.serve_args.split()]
+        started = time.perf_counter()
         server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # noqa: S603
         try:
             deadline = time.monotonic() + 120
@@ -249,11 +255,13 @@ def main(argv=None) -> int:
                     conn.request("GET", "/health")
                     conn.getresponse().read()
                     conn.close()
+                    startup_s = time.perf_counter() - started
                     break
                 except OSError:
                     if time.monotonic() > deadline:
                         raise RuntimeError("the service did not start within 120 s") from None
-                    time.sleep(0.3)
+                    time.sleep(0.05)
+            startup = {"seconds": round(startup_s, 2), "rss_mb": round(_rss(server.pid) / 2**20, 1)}
             bombs = [bomb_png(seed=i) for i in range(2)]
             query = query_image(args.query)
             normal_load(port, server.pid, 2, 0.5, query)  # warm-up
@@ -262,6 +270,8 @@ def main(argv=None) -> int:
                 "detreg_keras": str(Path(detreg_keras.__file__).parent),
                 "cpus": os.cpu_count(),
                 "load_average_1min_at_start": round(os.getloadavg()[0], 2),
+                "module": args.module,
+                "startup": startup,
                 "query": args.query,
                 "normal_load": normal_load(port, server.pid, args.clients, args.seconds, query),
             }

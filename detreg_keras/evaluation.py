@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
@@ -82,11 +83,16 @@ def embed(
     model_or_fn: keras.Model | Callable[[Any], Any],
     data: Data,
     batch_size: int = 256,
+    *,
+    verbose: int = 0,
+    steps: int | None = None,
+    name: str = "embed",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Embeds a data set and returns the embeddings with their labels.
 
     The data set is traversed exactly once, so embeddings and labels stay aligned
-    even for a shuffled ``tf.data.Dataset``.
+    even for a shuffled ``tf.data.Dataset``. This is the one embedding path of
+    the package (training's test evaluation, the callback, the scripts).
 
     Args:
         model_or_fn: a Keras model (run in inference mode: ``predict`` for arrays,
@@ -97,50 +103,81 @@ def embed(
             by scalar labels, is batched with ``batch_size``), or an
             ``(images, labels)`` tuple of arrays.
         batch_size: batch size for arrays and unbatched datasets.
+        verbose: 0 prints nothing; 1 a Keras progress bar; 2 one line when
+            done, ``"{name}: N images embedded in T s"``.
+        steps: the number of batches, for the progress bar's total (default:
+            the dataset's cardinality when known).
+        name: what is embedded, for the printed line.
 
     Returns:
         ``(embeddings, labels)``: float32 ``[N, dim]`` and ``[N]`` numpy arrays.
 
     Raises:
-        ValueError: on a malformed ``data`` or model output.
+        ValueError: on a malformed ``data`` or model output, an empty data set
+            or a ``verbose`` other than 0, 1, 2.
         TypeError: if the model returns several outputs.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    is_keras = isinstance(model_or_fn, keras.Model)
+    if verbose not in (0, 1, 2):
+        raise ValueError(f"verbose must be 0, 1 or 2, got {verbose!r}.")
+    start = time.perf_counter()
     if isinstance(data, tf.data.Dataset):
-        ds = data.batch(batch_size) if _is_unbatched(data) else data
-        embs, labs = [], []
-        for element in ds:
-            x, y = element[0], element[1]
-            y = _flat_labels(y)
-            out = model_or_fn.predict_on_batch(x) if is_keras else model_or_fn(x)
-            embs.append(_check_embedding_batch(out, len(y)))
-            labs.append(y)
-        if not embs:
-            raise ValueError("the dataset is empty.")
-        return np.concatenate(embs), np.concatenate(labs)
-    if isinstance(data, (tuple, list)) and len(data) == 2:
-        x, y = data
-        labels = _flat_labels(y)
-        n = len(labels)
-        if is_keras:
-            out = model_or_fn.predict(x, batch_size=batch_size, verbose=0)
-            return _check_embedding_batch(out, n), labels
-        x = _to_numpy(x)
-        if len(x) != n:
-            raise ValueError(f"got {len(x)} inputs but {n} labels.")
-        chunks = [
-            _check_embedding_batch(model_or_fn(x[i : i + batch_size]), len(x[i : i + batch_size]))
-            for i in range(0, n, batch_size)
-        ]
-        if not chunks:
-            raise ValueError("the data set is empty.")
-        return np.concatenate(chunks), labels
-    raise ValueError(
-        "data must be a tf.data.Dataset of (images, labels) or an (images, labels) tuple, "
-        f"got {type(data).__name__}."
-    )
+        emb, labels = _embed_dataset(model_or_fn, data, batch_size, verbose, steps)
+    elif isinstance(data, (tuple, list)) and len(data) == 2:
+        emb, labels = _embed_arrays(model_or_fn, data, batch_size, verbose)
+    else:
+        raise ValueError(
+            "data must be a tf.data.Dataset of (images, labels) or an (images, labels) tuple, "
+            f"got {type(data).__name__}."
+        )
+    if verbose == 2:
+        print(f"{name}: {len(emb)} images embedded in {time.perf_counter() - start:.1f}s")
+    return emb, labels
+
+
+def _embed_dataset(
+    model_or_fn: Any, data: tf.data.Dataset, batch_size: int, verbose: int, steps: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`embed` of a dataset: one ``predict_on_batch`` (or call) per batch."""
+    is_keras = isinstance(model_or_fn, keras.Model)
+    ds = data.batch(batch_size) if _is_unbatched(data) else data
+    if steps is None and int(ds.cardinality()) >= 0:
+        steps = int(ds.cardinality())
+    bar = keras.utils.Progbar(steps, unit_name="batch") if verbose == 1 else None
+    embs, labs = [], []
+    for step, element in enumerate(ds, start=1):
+        x, y = element[0], _flat_labels(element[1])
+        out = model_or_fn.predict_on_batch(x) if is_keras else model_or_fn(x)
+        embs.append(_check_embedding_batch(out, len(y)))
+        labs.append(y)
+        if bar is not None:
+            bar.update(step)
+    if not embs:
+        raise ValueError("Nothing to embed: the dataset is empty.")
+    return np.concatenate(embs), np.concatenate(labs)
+
+
+def _embed_arrays(
+    model_or_fn: Any, data: tuple[Any, Any], batch_size: int, verbose: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`embed` of ``(images, labels)`` arrays: ``model.predict`` or the callable per slice."""
+    x, y = data
+    labels = _flat_labels(y)
+    n = len(labels)
+    if n == 0:
+        raise ValueError("Nothing to embed: the data set is empty.")
+    if isinstance(model_or_fn, keras.Model):
+        out = model_or_fn.predict(x, batch_size=batch_size, verbose=1 if verbose == 1 else 0)
+        return _check_embedding_batch(out, n), labels
+    x = _to_numpy(x)
+    if len(x) != n:
+        raise ValueError(f"got {len(x)} inputs but {n} labels.")
+    chunks = [
+        _check_embedding_batch(model_or_fn(x[i : i + batch_size]), len(x[i : i + batch_size]))
+        for i in range(0, n, batch_size)
+    ]
+    return np.concatenate(chunks), labels
 
 
 def evaluate_model(
@@ -186,16 +223,7 @@ def metric_keys(ks: Sequence[int], metrics: Sequence[str]) -> list[str]:
     Returns:
         The result keys, e.g. ``["recall@1", "recall@2", "map@r"]``.
     """
-    names = {"map_at_r": "map@r", "r_precision": "r_precision", "precision_at_1": "precision@1", "nmi": "nmi"}
-    keys: list[str] = []
-    for m in metrics:
-        if m == "recall":
-            keys += [f"recall@{int(k)}" for k in ks]
-        elif m in names:
-            keys.append(names[m])
-        else:
-            raise ValueError(f"unknown metric {m!r}; choose from {list(_metrics.METRIC_NAMES)}.")
-    return keys
+    return _metrics.metric_keys(ks, metrics)
 
 
 class RetrievalEvaluation(keras.callbacks.Callback):

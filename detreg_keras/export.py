@@ -43,6 +43,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from detreg_runtime._version import detreg_version
+from detreg_runtime.imaging import GRAY_WEIGHTS
+
 #: Default ONNX opset (supported by onnxruntime >= 1.12 and TensorRT 8.x).
 DEFAULT_OPSET = 17
 #: Parity tolerance (max abs difference between onnxruntime and Keras embeddings).
@@ -81,21 +84,6 @@ class ExportResult:
 
 
 # ----------------------------------------------------------------- helpers
-def detreg_version() -> str:
-    """Version of the running ``detreg_keras`` package (``detreg_keras.__version__``)."""
-    import detreg_keras  # noqa: PLC0415
-
-    version = getattr(detreg_keras, "__version__", None)
-    if version:
-        return str(version)
-    try:
-        from importlib.metadata import version as dist_version  # noqa: PLC0415
-
-        return dist_version("detreg-keras")
-    except Exception:  # noqa: BLE001  (not installed: source checkout)
-        return "unknown"
-
-
 def load_model(model_or_path: keras.Model | str | os.PathLike) -> keras.Model:
     """Return a Keras model from a model, a ``.keras`` file or a run directory holding ``model.keras``.
 
@@ -276,8 +264,9 @@ def check_onnx_parity(
     Raises:
         ParityError: the difference exceeds ``atol`` (or the output shape differs).
     """
-    import onnxruntime as ort  # noqa: PLC0415
+    from detreg_runtime.embedder import import_onnxruntime  # noqa: PLC0415
 
+    ort = import_onnxruntime()
     shape = image_shape(model)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -441,10 +430,6 @@ def serving_archive(model: keras.Model, shape: tuple[int, int, int]) -> keras.ex
     return archive
 
 
-#: ``tf.image.rgb_to_grayscale``'s weights (ITU-R 601-2 luma), applied after the resize.
-GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)
-
-
 def _resize(image: tf.Tensor, height: int, width: int) -> tf.Tensor:
     # uint8 in, float32 out: bit-identical to resizing a float32 copy, without that
     # copy (4 bytes per pixel and channel) of a possibly large image.
@@ -473,11 +458,11 @@ def _resize_gray(image: tf.Tensor, height: int, width: int) -> tf.Tensor:
 def decode_image_tensor(data: tf.Tensor, shape: tuple[int, int, int]) -> tf.Tensor:
     """Decode one encoded image (``tf.string`` scalar) to float32 ``[H, W, C]`` raw pixels in [0, 255].
 
-    The one decoder of the package for encoded images: the SavedModel's
-    ``serving_default`` signature runs it in the graph, and
-    :func:`detreg_keras.retrieval.load_image` (the :class:`~detreg_keras.retrieval.Embedder`,
-    the HTTP service, the index CLI, ``serving/client.py --pixels``) runs the
-    same function, so an image file gives the same pixels everywhere. It decodes
+    The in-graph twin of :func:`detreg_runtime.imaging.load_image` (numpy/PIL,
+    used by the Embedder, the HTTP service, the index CLI and ``serving/client.py
+    --pixels``), which reproduces it bit for bit (``tests/test_imaging.py``): the
+    SavedModel's ``serving_default`` signature runs this one in the graph, so an
+    image file gives the same pixels everywhere. It decodes
     like the training pipeline (:func:`detreg_keras.data.pipeline.decode_image`):
     ``tf.io.decode_image(dtype=uint8)`` (JPEG/PNG/BMP/GIF/WebP, first frame;
     16-bit scaled to 8 bits, not clipped; alpha dropped without compositing),

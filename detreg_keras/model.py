@@ -215,11 +215,18 @@ class DRegModel(keras.Model):
         flow: ``"realnvp"`` (paper), ``"nice"`` or ``"none"`` (plain baseline).
         num_couplings: couplings per head (paper: 12).
         hidden_units: hidden widths of the coupling networks (paper: 512).
-        log_scale_bound: bound on every coupling log-scale.
-        shift_bound: optional bound on every coupling shift, ``t = b·tanh(t̂/b)``
-            (``None``: unbounded, the behaviour before issue 13).
-        head_input_norm: ``"none"`` (the heads see ``z``) or ``"l2"`` (they see
-            ``√d · z/‖z‖``, :func:`normalize_head_input`).
+        log_scale_bound: bound on every coupling log-scale, ``s = b·tanh(ŝ/b)``
+            (default 0.1; before issue 13: 2.0).
+        shift_bound: bound on every coupling shift, ``t = b·tanh(t̂/b)``
+            (default 0.1; ``None``: unbounded, the behaviour before issue 13).
+        head_input_norm: ``"l2"`` (default: the heads see ``√d · z/‖z‖``,
+            :func:`normalize_head_input`) or ``"none"`` (they see ``z``, the
+            behaviour before issue 13). These three defaults (with a one-epoch
+            linear warm-up of the heads' learning rate in
+            :func:`detreg_keras.optim.make_optimizer`) are what lets the heads
+            train at the paper's 1e-3: with ``2.0 / None / "none"`` the head
+            outputs grew to ~1e7-1e8 within one epoch and the log-scales sat at
+            their bound (RESULTS.md, "Flow heads at the paper's learning rate").
         permutation_seed: seed of the flows' fixed permutations (head 2 uses seed+1).
         dueling: keep the maximising head (paper) or drop it (single head).
         lambda_min: λ1 of Eq. 11 (paper: 0.05).
@@ -231,7 +238,9 @@ class DRegModel(keras.Model):
             identity ``log 2``: λ does not depend on K). See
             :mod:`detreg_keras.regularizers`.
         loss: base DML loss name from :data:`detreg_keras.losses.LOSSES`.
-        loss_config: keyword arguments of the base loss (e.g. ``margin``, ``alpha``).
+        loss_config: keyword arguments of the base loss (e.g. ``margin``, ``alpha``). With
+            ``loss="xbm"`` (:class:`~detreg_keras.losses.CrossBatchMemory`): the wrapped pair
+            loss and the memory, e.g. ``{"loss": "contrastive", "memory_size": 1024}``.
         **kwargs: ``keras.Model`` arguments (``name``...).
     """
 
@@ -247,7 +256,7 @@ class DRegModel(keras.Model):
         flow: str = "realnvp",
         num_couplings: int = 12,
         hidden_units: Sequence[int] | int = (512,),
-        log_scale_bound: float = 2.0,
+        log_scale_bound: float = 0.1,
         permutation_seed: int = 0,
         dueling: bool = True,
         lambda_min: float = 0.05,
@@ -257,8 +266,8 @@ class DRegModel(keras.Model):
         coupling_reduction: str = "sum",
         loss: str = "proxy_anchor",
         loss_config: dict[str, Any] | None = None,
-        shift_bound: float | None = None,
-        head_input_norm: str = "none",
+        shift_bound: float | None = 0.1,
+        head_input_norm: str = "l2",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -321,25 +330,22 @@ class DRegModel(keras.Model):
             self.reg_max = DeterminantRegularizer(
                 self.lambda_max, "max", regularizer_form, coupling_reduction, name="dreg_reg_max"
             )
-        self.loss_min = dml_losses.get(
-            loss, num_classes=self.num_classes, embedding_dim=self.embedding_dim, name="dreg_loss_min", **self.loss_config
-        )
-        self.loss_max = (
-            dml_losses.get(
-                loss,
-                num_classes=self.num_classes,
-                embedding_dim=self.embedding_dim,
-                name="dreg_loss_max",
-                **self.loss_config,
-            )
-            if self.dueling
-            else None
-        )
+        self.loss_min = self._build_loss("dreg_loss_min")
+        self.loss_max = self._build_loss("dreg_loss_max") if self.dueling else None
 
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.dml_tracker = keras.metrics.Mean(name=self.loss_min.metric_name)
         self.reg_min_tracker = keras.metrics.Mean(name="reg_min") if self.flow_min is not None else None
         self.reg_max_tracker = keras.metrics.Mean(name="reg_max") if self.dueling else None
+
+    def _build_loss(self, name: str) -> dml_losses.DMLLoss:
+        """One head's base loss (its own proxies, or its own cross-batch memory)."""
+        layer = dml_losses.get(
+            self.loss_name, num_classes=self.num_classes, embedding_dim=self.embedding_dim, name=name, **self.loss_config
+        )
+        if isinstance(layer, dml_losses.CrossBatchMemory):
+            layer.all_gather = False  # it gets the global batch from _gather_global_batch already
+        return layer
 
     # ------------------------------------------------------------------ build
     def build(self, input_shape):
@@ -438,11 +444,11 @@ class DRegModel(keras.Model):
     def compute_output_shape(self, input_shape):
         return (input_shape[0], self.embedding_dim)
 
-    def _head_terms(self, flow, regularizer, loss_layer, features, labels, mask, batch, collected):
+    def _head_terms(self, flow, regularizer, loss_layer, features, labels, mask, batch, collected, training):
         """One head: ``(DML(e), R(Z), log|J_tt|)``; the regulariser adds ``±λ·R(Z)`` with ``add_loss``."""
         out, log_diag = flow.forward_with_log_diag(features)
         _collect(flow, collected)  # its coupling networks were each called (and cleared) just now
-        dml = _call_and_collect(loss_layer, collected, l2_normalize(out[:batch]), labels)
+        dml = _call_and_collect(loss_layer, collected, l2_normalize(out[:batch]), labels, training=training)
         value = _call_and_collect(regularizer, collected, log_diag, sample_mask=mask)
         return dml, value, log_diag
 
@@ -487,25 +493,25 @@ class DRegModel(keras.Model):
         z, labels = _gather_global_batch(z, labels)
         batch = tf.shape(z)[0]
         if self.flow_min is None:
-            terms = {"dml": _call_and_collect(self.loss_min, collected, l2_normalize(z), labels)}
+            terms = {"dml": _call_and_collect(self.loss_min, collected, l2_normalize(z), labels, training=training)}
         else:
             z = normalize_head_input(z, self.head_input_norm)
-            terms = self._dueling_terms(z, labels, batch, collected)
+            terms = self._dueling_terms(z, labels, batch, collected, training)
         total = terms["dml"]
         if collected:
             total = total + tf.add_n([tf.cast(loss, total.dtype) for _, loss in collected])
         terms["loss"] = total
         return terms, collected
 
-    def _dueling_terms(self, z, labels, batch, collected: list) -> dict[str, tf.Tensor]:
+    def _dueling_terms(self, z, labels, batch, collected: list, training: bool) -> dict[str, tf.Tensor]:
         points, mask = self._regularized_points(z, labels)
         dml, reg_min, log_diag = self._head_terms(
-            self.flow_min, self.reg_min, self.loss_min, points, labels, mask, batch, collected
+            self.flow_min, self.reg_min, self.loss_min, points, labels, mask, batch, collected, training
         )
         terms = {"reg_min": reg_min, "log_scale_min": tf.reduce_max(tf.abs(log_diag))}
         if self.dueling:
             dml_2, reg_max, log_diag_2 = self._head_terms(
-                self.flow_max, self.reg_max, self.loss_max, points, labels, mask, batch, collected
+                self.flow_max, self.reg_max, self.loss_max, points, labels, mask, batch, collected, training
             )
             dml = dml + dml_2
             terms.update({"reg_max": reg_max, "log_scale_max": tf.reduce_max(tf.abs(log_diag_2))})
@@ -672,8 +678,16 @@ class DRegModel(keras.Model):
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
         check_layout_version(config.pop("flow_layout_version", None), f"DRegModel {config.get('name')!r}")
+        # Files written before these options existed ran unbounded shifts on the raw z.
+        for key, legacy in _LEGACY_HEAD_OPTIONS.items():
+            config.setdefault(key, legacy)
         config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"], custom_objects=custom_objects)
         return cls(**config)
+
+
+#: Head options whose defaults changed in issue 13, with the value a saved config
+#: that predates them (has no such key) was trained with.
+_LEGACY_HEAD_OPTIONS: dict[str, Any] = {"shift_bound": None, "head_input_norm": "none"}
 
 
 def load_model(path: str | os.PathLike, safe_mode: bool = True, compile: bool = True) -> keras.Model:

@@ -23,8 +23,11 @@ and combines the blocks with ``coupling_reduction``:
   (identity: ``log 2`` for every ``K``): ``λ`` keeps its meaning when ``K``
   changes.
 
-The default stays ``"sum"`` (the behaviour of detreg_keras 0.1.0): no
-validation study comparing the two has been run yet.
+The default stays ``"sum"`` (the behaviour of detreg_keras 0.1.0). At a
+fixed ``K`` the two are one family (``"mean"`` with ``K·λ`` is ``"sum"`` with
+``λ``), so a validation run cannot prefer one to the other; the λ grid of
+RESULTS.md is in the ``"sum"`` reading, and ``"mean"`` is the option for
+comparing λ across heads with different ``K``.
 
 Relation to the paper's equations
 ---------------------------------

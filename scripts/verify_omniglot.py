@@ -85,10 +85,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import detreg_keras  # noqa: F401, PLC0415
     from detreg_keras.training import (  # noqa: PLC0415
-        embed_with_progress,
+        embed_split,
         load_run_config,
         load_splits,
-        make_evaluation_data,
         pixel_vectors,
     )
 
@@ -96,8 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_run_config(run_dir)
     splits, _ = load_splits(cfg)
     model = keras.models.load_model(run_dir / "model.keras")
-    data, total = make_evaluation_data(splits.test, cfg)
-    emb, labels = embed_with_progress(model, data, total, verbose=0)
+    emb, labels = embed_split(model, splits.test, cfg, verbose=0)
     pixels, pixel_labels = pixel_vectors(splits.test, cfg)
     assert np.array_equal(labels, pixel_labels)
     print(f"{run_dir.name}: {len(labels)} test images of {len(np.unique(labels))} characters; seeds {args.seeds}")

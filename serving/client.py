@@ -13,9 +13,10 @@ gRPC (needs ``pip install tensorflow-serving-api grpcio``, imported only for thi
 
 ``serving_default`` (default) sends the encoded image bytes: the server decodes,
 converts to RGB and resizes them. ``--pixels`` uses the ``serving_pixels``
-signature instead: the client decodes/resizes the images with the decoder the
-server's graph uses (``detreg_keras.retrieval.load_image``, so ``--pixels`` needs
-detreg-keras installed) and sends float pixels of the size and channels the
+signature instead: the client decodes/resizes the images with the runtime's
+decoder, which gives the server graph's pixels bit for bit
+(``detreg_runtime.imaging.load_image``: numpy/PIL, no TensorFlow; ``--pixels``
+needs detreg-keras installed) and sends float pixels of the size and channels the
 served signature declares (``GET .../metadata``; ``--image-size`` / ``--channels``
 override it).
 The REST request is ``POST /v1/models/NAME[/versions/N]:predict`` with
@@ -119,11 +120,11 @@ def load_pixels(paths: Sequence[str | Path], image_size: int | tuple[int, int], 
     """Decode + resize as the server's ``serving_default`` graph does: float32 ``[N, H, W, C]`` in [0, 255].
 
     Raises:
-        ImportError: detreg-keras (its TF decoder) is not installed.
+        ImportError: detreg-keras (its runtime decoder) is not installed.
         ValueError: an image cannot be read or decoded.
     """
     try:
-        from detreg_keras.retrieval import load_image  # noqa: PLC0415
+        from detreg_runtime.imaging import load_image  # noqa: PLC0415
     except ImportError as err:
         raise ImportError(
             "--pixels decodes the images with detreg-keras's decoder (the one the SavedModel uses): "

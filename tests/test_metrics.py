@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from detreg_keras import metrics as M
+from detreg_keras.metrics import exact
 
 TIE_TOL = 1e-6
 
@@ -252,7 +253,7 @@ def test_all_vs_all_metrics_match_reference(skewed):
     ks = (1, 2, 4, 8, 16)
     lo, hi, _, r = _reference(x, y, ks=ks)
     assert (r == 0).sum() > 0, "data must contain lone queries"
-    got = M.evaluate_embeddings(x, y, ks, metrics=("recall", "map_at_r", "r_precision", "precision_at_1"))
+    got = M.evaluate_embeddings(x, y, ks, metrics=("recall", "map@r", "r_precision", "precision@1"))
     assert set(got) == {*(f"recall@{k}" for k in ks), "map@r", "r_precision", "precision@1"}
     _assert_within(got, lo, hi)
     # Sanity: values are informative (neither trivial 0 nor 1).
@@ -268,7 +269,7 @@ def test_individual_functions_agree_with_reference(skewed):
     got["map@r"] = M.map_at_r(x, y)
     _assert_within(got, lo, hi)
     assert got == pytest.approx(
-        M.evaluate_embeddings(x, y, (1, 3), metrics=("recall", "map_at_r", "r_precision", "precision_at_1"))
+        M.evaluate_embeddings(x, y, (1, 3), metrics=("recall", "map@r", "r_precision", "precision@1"))
     )
 
 
@@ -276,13 +277,13 @@ def test_max_r_cap_matches_reference(skewed):
     x, y = skewed
     lo, hi, _, r = _reference(x, y, ks=(1,), max_r=5)
     assert r.max() > 5
-    got = M.evaluate_embeddings(x, y, (1,), metrics=("map_at_r", "r_precision"), max_r=5)
+    got = M.evaluate_embeddings(x, y, (1,), metrics=("map@r", "r_precision"), max_r=5)
     _assert_within(got, lo, hi)
     # R stays capped when the search is deeper than max_r (large ks).
-    deep = M.evaluate_embeddings(x, y, (1, 32), metrics=("recall", "map_at_r", "r_precision"), max_r=5)
+    deep = M.evaluate_embeddings(x, y, (1, 32), metrics=("recall", "map@r", "r_precision"), max_r=5)
     _assert_within(deep, lo, hi)
     assert M.map_at_r(x, y, max_r=5) == pytest.approx(got["map@r"], abs=1e-12)
-    uncapped = M.evaluate_embeddings(x, y, (1,), metrics=("map_at_r",), max_r=None)
+    uncapped = M.evaluate_embeddings(x, y, (1,), metrics=("map@r",), max_r=None)
     assert abs(uncapped["map@r"] - got["map@r"]) > 1e-3  # the cap is not a no-op
 
 
@@ -317,7 +318,7 @@ def test_exact_ties_across_classes_with_integer_embeddings():
     lo, hi, _, _ = _reference(x, y, normalize=False, ks=(1, 2, 4), tie_tol=0.5)
     got = M.evaluate_embeddings(
         x, y, (1, 2, 4), normalize=False,
-        metrics=("recall", "map_at_r", "r_precision", "precision_at_1"),
+        metrics=("recall", "map@r", "r_precision", "precision@1"),
     )
     _assert_within(got, lo, hi, max_gap=0.15)
     # Per query, the faiss ranking is a valid order of the exact similarity
@@ -343,7 +344,7 @@ def test_label_invariant_ties_are_exact():
     y = np.repeat(base_y, 3)
     lo, hi, _, _ = _reference(x, y, ks=(1, 2, 4, 8))
     assert lo == hi
-    got = M.evaluate_embeddings(x, y, metrics=("recall", "map_at_r", "r_precision", "precision_at_1"))
+    got = M.evaluate_embeddings(x, y, metrics=("recall", "map@r", "r_precision", "precision@1"))
     for key in got:
         assert got[key] == pytest.approx(lo[key], abs=1e-12), key
 
@@ -377,7 +378,7 @@ def test_all_lone_queries_give_zero_with_warning():
     x = np.eye(4, dtype=np.float32)
     y = np.arange(4)
     with pytest.warns(RuntimeWarning, match="No query"):
-        got = M.evaluate_embeddings(x, y, (1,), metrics=("recall", "map_at_r", "r_precision", "precision_at_1"))
+        got = M.evaluate_embeddings(x, y, (1,), metrics=("recall", "map@r", "r_precision", "precision@1"))
     assert got == {"recall@1": 0.0, "map@r": 0.0, "r_precision": 0.0, "precision@1": 0.0}
 
 
@@ -386,7 +387,7 @@ def test_normalization_and_label_dtype_invariance(skewed):
     rng = np.random.default_rng(8)
     scaled = x * rng.uniform(0.1, 10.0, size=(len(x), 1)).astype(np.float32)
     names = np.array([f"class_{v:03d}" for v in y])
-    kw = dict(metrics=("recall", "map_at_r", "r_precision", "precision_at_1"))
+    kw = dict(metrics=("recall", "map@r", "r_precision", "precision@1"))
     base = M.evaluate_embeddings(x, y, **kw)
     assert M.evaluate_embeddings(scaled, names, **kw) == pytest.approx(base, abs=1e-9)
     assert M.evaluate_embeddings(x, y[:, None], **kw) == pytest.approx(base, abs=1e-12)
@@ -396,22 +397,27 @@ def test_normalization_and_label_dtype_invariance(skewed):
     assert M.evaluate_embeddings(scaled, y, normalize=False, **kw) != pytest.approx(base, abs=1e-3)
 
 
-def test_single_knn_search_with_max_bin_depth(skewed, monkeypatch):
+class _SpyKNN:
+    """A knn_func that records the depths it is asked for and delegates to FaissKNN."""
+
+    def __init__(self):
+        self.calls = []
+        self._knn = M.FaissKNN(use_gpu=False)
+
+    def __call__(self, queries, gallery, k):
+        self.calls.append(k)
+        return self._knn(queries, gallery, k)
+
+
+def test_single_knn_search_with_max_bin_depth(skewed):
     x, y = skewed
-    calls = []
-    real = M.knn_search
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs.get("k", args[2] if len(args) > 2 else None))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(M, "knn_search", spy)
+    spy = _SpyKNN()
     r_max = int(_ref_r(y, y, True).max())
-    M.evaluate_embeddings(x, y, (1, 2, 4, 8))
-    M.evaluate_embeddings(x, y, (1, 2, 4, 8), max_r=10)
-    M.evaluate_embeddings(x, y, (1, 100), max_r=10)
-    M.evaluate_embeddings(x, y, (1,), metrics=("nmi",))
-    assert calls == [max(8, r_max), 10, 100]
+    M.evaluate_embeddings(x, y, (1, 2, 4, 8), knn_func=spy)
+    M.evaluate_embeddings(x, y, (1, 2, 4, 8), max_r=10, knn_func=spy)
+    M.evaluate_embeddings(x, y, (1, 100), max_r=10, knn_func=spy)
+    M.evaluate_embeddings(x, y, (1,), metrics=("nmi",), knn_func=spy)
+    assert spy.calls == [max(8, r_max), 10, 100]
 
 
 # --------------------------------------------------------------------------- #
@@ -658,12 +664,12 @@ def test_recall_exact_singletons_and_all_lone():
 
 def test_exact_block_rows_follow_memory_bound():
     n = 1000
-    assert M._resolve_block_rows(n, n, None, 4 * n * 3 + 5) == 3
-    assert M._resolve_block_rows(n, n, None, 1) == 1  # at least one row
-    assert M._resolve_block_rows(n, n, 2, 4 * n * 3) == 2  # block_size below the cap
-    assert M._resolve_block_rows(n, n, 50, 4 * n * 3) == 3  # capped by the bytes
-    assert M._resolve_block_rows(n, n, None, 1 << 40) == n
-    assert M._resolve_block_rows(10, n, None, 1 << 40) == 10
+    assert exact._resolve_block_rows(n, n, None, 4 * n * 3 + 5) == 3
+    assert exact._resolve_block_rows(n, n, None, 1) == 1  # at least one row
+    assert exact._resolve_block_rows(n, n, 2, 4 * n * 3) == 2  # block_size below the cap
+    assert exact._resolve_block_rows(n, n, 50, 4 * n * 3) == 3  # capped by the bytes
+    assert exact._resolve_block_rows(n, n, None, 1 << 40) == n
+    assert exact._resolve_block_rows(10, n, None, 1 << 40) == 10
 
 
 def test_exact_peak_memory_is_bounded():
@@ -677,10 +683,10 @@ def test_exact_peak_memory_is_bounded():
     kw = dict(ties="index", block_size=None, num_threads=2)
     tracemalloc.start()
     try:
-        small = M._positive_ranks(x, x, codes, codes, True, max_block_bytes=bound, **kw)
+        small = exact._positive_ranks(x, x, codes, codes, True, max_block_bytes=bound, **kw)
         _, peak_small = tracemalloc.get_traced_memory()
         tracemalloc.reset_peak()
-        big = M._positive_ranks(x, x, codes, codes, True, max_block_bytes=1 << 30, **kw)
+        big = exact._positive_ranks(x, x, codes, codes, True, max_block_bytes=1 << 30, **kw)
         _, peak_big = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -690,28 +696,22 @@ def test_exact_peak_memory_is_bounded():
     assert peak_big > full * 0.9  # the unbounded run does hold N x N
 
 
-def test_evaluate_embeddings_recall_method(skewed, monkeypatch):
+def test_evaluate_embeddings_recall_method(skewed):
     x, y = skewed
-    calls = []
-    real = M.knn_search
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs.get("k", args[2] if len(args) > 2 else None))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(M, "knn_search", spy)
+    spy = _SpyKNN()
+    calls = spy.calls
     ks = (1, 2, 100)
-    everything = ("recall", "map_at_r", "r_precision", "precision_at_1")
-    base = M.evaluate_embeddings(x, y, ks, metrics=everything)
+    everything = ("recall", "map@r", "r_precision", "precision@1")
+    base = M.evaluate_embeddings(x, y, ks, metrics=everything, knn_func=spy)
     assert calls == [100]
-    exact = M.evaluate_embeddings(x, y, ks, metrics=everything, recall_method="exact")
-    assert exact == base and list(exact) == list(base)
+    exact_ = M.evaluate_embeddings(x, y, ks, metrics=everything, recall_method="exact", knn_func=spy)
+    assert exact_ == base and list(exact_) == list(base)
     r_max = int(_ref_r(y, y, True).max())
     assert calls == [100, r_max]  # max(ks) no longer sets the search depth
-    auto = M.evaluate_embeddings(x, y, ks, metrics=everything, recall_method="auto")
+    auto = M.evaluate_embeddings(x, y, ks, metrics=everything, recall_method="auto", knn_func=spy)
     assert auto == base and calls[-1] == 100  # other kNN metrics: one search
     calls.clear()
-    only = M.evaluate_embeddings(x, y, ks, metrics=("recall",), recall_method="auto")
+    only = M.evaluate_embeddings(x, y, ks, metrics=("recall",), recall_method="auto", knn_func=spy)
     assert calls == [] and only == {k: base[k] for k in only}
     assert M.evaluate_embeddings(x, y, ks, metrics=("recall",), recall_method="exact", max_block_bytes=1) == only
 
@@ -741,3 +741,129 @@ def test_evaluate_embeddings_bad_recall_method():
         M.evaluate_embeddings(np.ones((4, 2)), np.arange(4) // 2, (1,), recall_method="fast")
     with pytest.raises(ValueError, match="only has 3 gallery items"):
         M.evaluate_embeddings(np.ones((4, 2)), np.arange(4) // 2, (4,), recall_method="exact")
+
+
+# --------------------------------------------------------------------------- #
+# Metric names: the name requested is the key returned
+# --------------------------------------------------------------------------- #
+def test_requested_name_is_the_result_key(skewed):
+    x, y = skewed
+    for name in M.METRIC_NAMES:
+        got = M.evaluate_embeddings(x, y, (1, 4), metrics=(name,))
+        assert list(got) == (["recall@1", "recall@4"] if name == "recall" else [name])
+        assert list(got) == M.metric_keys((1, 4), (name,))
+    everything = M.evaluate_embeddings(x, y, (1, 4))
+    assert list(everything) == M.metric_keys((1, 4), M.METRIC_NAMES)
+
+
+def test_old_metric_spellings_are_aliases(skewed):
+    x, y = skewed
+    new = M.evaluate_embeddings(x, y, (1,), metrics=("map@r", "precision@1"))
+    old = M.evaluate_embeddings(x, y, (1,), metrics=("map_at_r", "precision_at_1"))
+    assert old == new and list(old) == ["map@r", "precision@1"]
+    assert M.resolve_metric_names(("map_at_r", "map@r", "nmi")) == ("map@r", "nmi")
+    assert M.metric_keys((2,), ("recall", "precision_at_1")) == ["recall@2", "precision@1"]
+    with pytest.raises(ValueError, match=r"unknown metric\(s\) \['auc'\].*old spellings"):
+        M.metric_keys((1,), ("auc",))
+
+
+def test_one_metric_shortcuts_refuse_a_metrics_argument(skewed):
+    x, y = skewed
+    for fn in (M.map_at_r, M.r_precision, M.precision_at_1):
+        with pytest.raises(TypeError, match="evaluate_embeddings"):
+            fn(x, y, metrics=("nmi",))
+    with pytest.raises(TypeError, match="evaluate_embeddings"):
+        M.recall_at_k(x, y, metrics=("nmi",))
+
+
+# --------------------------------------------------------------------------- #
+# Backends passed in (knn_func / kmeans_func)
+# --------------------------------------------------------------------------- #
+def _numpy_knn(queries, gallery, k):
+    """Brute-force float64 kNN (stable argsort), the query excluded by index when gallery is None."""
+    g = queries if gallery is None else gallery
+    sims = np.asarray(queries, np.float64) @ np.asarray(g, np.float64).T
+    if gallery is None:
+        np.fill_diagonal(sims, -np.inf)
+    idx = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return idx, np.take_along_axis(sims, idx, axis=1)
+
+
+def test_knn_func_backend_is_used_and_matches_reference(skewed):
+    x, y = skewed
+    lo, hi, _, _ = _reference(x, y, ks=(1, 2, 4, 8))
+    got = M.evaluate_embeddings(x, y, (1, 2, 4, 8), metrics=("recall", "map@r", "precision@1"), knn_func=_numpy_knn)
+    _assert_within(got, lo, hi)
+    faiss_got = M.evaluate_embeddings(x, y, (1, 2, 4, 8), metrics=("recall", "map@r", "precision@1"))
+    assert got == pytest.approx(faiss_got, abs=2e-3)
+
+
+def test_kmeans_func_backend_is_used():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 6, size=120)
+    x = rng.normal(size=(120, 8))  # no cluster structure at all
+    seen = []
+
+    def oracle(vectors, num_clusters):
+        seen.append((vectors.shape, num_clusters))
+        return y  # a perfect clustering, whatever the vectors
+
+    got = M.evaluate_embeddings(x, y, metrics=("nmi",), kmeans_func=oracle)
+    assert got == {"nmi": pytest.approx(1.0)} and seen == [((120, 8), 6)]
+
+
+# --------------------------------------------------------------------------- #
+# The faiss wrapper (shared with EmbeddingIndex)
+# --------------------------------------------------------------------------- #
+@pytest.fixture(scope="module")
+def unit_vectors():
+    rng = np.random.default_rng(30)
+    return M.l2_normalize(rng.normal(size=(2000, 16))), M.l2_normalize(rng.normal(size=(50, 16)))
+
+
+def test_flat_index_is_exact_top_k(unit_vectors):
+    g, q = unit_vectors
+    index, params = M.build_faiss_index(g, "flat")
+    scores, pos = M.search_faiss_index(index, q, 10, chunk_size=7)
+    ref = np.sort(np.asarray(q, np.float64) @ np.asarray(g, np.float64).T, axis=1)[:, ::-1][:, :10]
+    assert params == {} and pos.shape == (50, 10)
+    np.testing.assert_allclose(scores, ref, atol=1e-5)
+    np.testing.assert_allclose(np.einsum("qd,qkd->qk", q, g[pos]), scores, atol=1e-5)
+
+
+def test_ivf_with_all_lists_probed_is_exact_and_hnsw_is_close(unit_vectors):
+    g, q = unit_vectors
+    _, exact_pos = M.search_faiss_index(M.build_faiss_index(g)[0], q, 10)
+    ivf, params = M.build_faiss_index(g, "ivf", nlist=16)
+    assert params == {"nlist": 16, "nprobe": 1, "train_size": 800, "niter": 10}
+    _, ivf_pos = M.search_faiss_index(ivf, q, 10, kind="ivf", params=params, nprobe=16)
+    np.testing.assert_array_equal(ivf_pos, exact_pos)
+    hnsw, hparams = M.build_faiss_index(g, "hnsw", M=16)
+    assert hparams == {"m": 16, "ef_construction": 40, "ef_search": 128}
+    _, h_pos = M.search_faiss_index(hnsw, q, 10, kind="hnsw", params=hparams)
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(h_pos, exact_pos)])
+    assert overlap > 0.95
+
+
+@pytest.mark.parametrize(
+    ("kind", "params", "match"),
+    [
+        ("annoy", {}, "Unknown index kind 'annoy'"),
+        ("flat", {"nlist": 4}, "Unknown parameter 'nlist' for kind='flat'"),
+        ("ivf", {"nlist": 0}, "nlist must be >= 1"),
+        ("ivf", {"nlist": 11}, "needs at least nlist=11 embeddings"),
+        ("ivf", {"nlist": 5, "train_size": 3}, "train_size=3 must be >= nlist=5"),
+    ],
+)
+def test_index_params_bad_input(kind, params, match):
+    with pytest.raises(ValueError, match=match):
+        M.resolve_index_params(kind, 10, **params)
+
+
+def test_search_params_only_for_their_kind(unit_vectors):
+    g, q = unit_vectors
+    index, _ = M.build_faiss_index(g)
+    with pytest.raises(ValueError, match="nprobe applies to kind='ivf'"):
+        M.search_faiss_index(index, q, 3, nprobe=4)
+    with pytest.raises(ValueError, match="use_gpu"):
+        M.build_faiss_index(g, use_gpu="maybe")

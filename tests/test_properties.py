@@ -8,7 +8,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from detreg_keras.losses import proxy_anchor_loss
-from detreg_keras.metrics import evaluate_embeddings
+from detreg_keras.metrics import (
+    METRIC_ALIASES,
+    METRIC_NAMES,
+    evaluate_embeddings,
+    metric_keys,
+)
 from detreg_keras.regularizers import per_sample_regularizer
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -58,7 +63,7 @@ def test_regularizer_forms_are_ordered_and_finite(batch, blocks, dim, seed):
 def test_retrieval_metrics_are_bounded_and_recall_is_monotone_in_k(batch):
     x, labels, _ = batch
     ks = (1, 2, 3)
-    metrics = evaluate_embeddings(x, labels, ks=ks, metrics=("recall", "map_at_r", "precision_at_1"))
+    metrics = evaluate_embeddings(x, labels, ks=ks, metrics=("recall", "map@r", "precision@1"))
     recalls = [metrics[f"recall@{k}"] for k in ks]
     assert all(0.0 <= r <= 1.0 for r in recalls)
     assert recalls == sorted(recalls)
@@ -72,3 +77,15 @@ def test_mean_coupling_reduction_is_the_sum_over_k(batch, blocks, dim, seed, for
     total = per_sample_regularizer(log_diag, form, coupling_reduction="sum").numpy()
     mean = per_sample_regularizer(log_diag, form, coupling_reduction="mean").numpy()
     np.testing.assert_allclose(mean * blocks, total, rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    batches(min_batch=4, max_batch=30),
+    st.lists(st.sampled_from(METRIC_NAMES + tuple(METRIC_ALIASES)), min_size=1, max_size=5),
+)
+def test_the_keys_returned_are_the_keys_requested(batch, requested):
+    x, labels, _ = batch
+    got = evaluate_embeddings(x, labels, ks=(1, 2), metrics=requested)
+    assert list(got) == metric_keys((1, 2), requested)
+    assert all(0.0 <= v <= 1.0 for v in got.values())

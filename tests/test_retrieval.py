@@ -415,7 +415,7 @@ def test_cli_build_and_search(model_and_onnx, embedder, tmp_path, capsys):
     assert index.kind == "hnsw" and sorted(set(index.labels)) == ["blue", "red"]
     assert "red/sub/red2.png" in set(index.ids)
 
-    cli = load_script("detreg_index")
+    from detreg_runtime import index_cli as cli
     query = files["red"][1]
     assert cli.main(["search", "--index", str(out), "--model", str(onnx_path), str(query), "--k", "3", "--json"]) == 0
     (result,) = json.loads(capsys.readouterr().out)
@@ -456,7 +456,7 @@ def test_embedder_names_a_file_that_is_not_onnx(tmp_path):
 
 def test_cli_expected_failures_are_one_error_line(model_and_onnx, embedder, tmp_path, capsys):
     _, onnx_path = model_and_onnx
-    cli = load_script("detreg_index")
+    from detreg_runtime import index_cli as cli
     _image_folder(tmp_path / "images")
     keras_file = tmp_path / "model.keras"
     keras_file.write_bytes(b"PK\x03\x04" + b"\0" * 64)

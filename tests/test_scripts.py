@@ -1,4 +1,5 @@
-"""The command-line scripts: train.py (main job, omniglot preset, resume after a kill) and evaluate.py."""
+"""The command-line programs (detreg_keras.cli): train (main job, omniglot preset, resume after a kill),
+evaluate, the Omniglot benchmark; the scripts/*.py wrappers and the [project.scripts] entry points."""
 
 from __future__ import annotations
 
@@ -14,6 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from detreg_keras.cli import ablate as ablate_cli
+from detreg_keras.cli import evaluate as evaluate_cli
+from detreg_keras.cli import omniglot_benchmark as omniglot_benchmark_cli
+from detreg_keras.cli import train as train_cli
 from detreg_keras.evaluation import plot_recall_at_k
 from detreg_keras.training import (
     build_model,
@@ -29,8 +34,33 @@ OMNIGLOT_ROOT = (REPO_ROOT / ".." / "shared" / "data" / "omniglot").resolve()
 TINY_FLAGS = ["--cnn-widths", "8", "16", "--embedding-dim", "8", "--num-couplings", "2", "--hidden-units", "8"]
 
 
-train_script = load_script("train")
-evaluate_script = load_script("evaluate")
+
+
+#: scripts/NAME.py -> the cli module it wraps
+WRAPPED = {"train": train_cli, "evaluate": evaluate_cli, "ablate": ablate_cli, "omniglot_benchmark": omniglot_benchmark_cli}
+
+
+@pytest.mark.parametrize("name", sorted(WRAPPED))
+def test_scripts_are_thin_wrappers_of_the_cli_modules(name):
+    """scripts/NAME.py runs detreg_keras.cli.NAME.main (the same function object, nothing of its own)."""
+    script = load_script(name)
+    assert script.main is WRAPPED[name].main
+    source = (REPO_ROOT / "scripts" / f"{name}.py").read_text()
+    assert len(source.splitlines()) < 25 and 'os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")' in source
+
+
+def test_project_scripts_point_at_the_cli_mains():
+    """Every [project.scripts] entry of pyproject.toml imports and is a cli module's main."""
+    import importlib
+
+    import tomllib
+
+    entries = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    ours = {k: v for k, v in entries.items() if v.startswith("detreg_keras.cli.")}
+    assert set(ours) == {"detreg-train", "detreg-evaluate", "detreg-ablate", "detreg-omniglot-benchmark"}
+    for target in ours.values():
+        module, _, attr = target.partition(":")
+        assert getattr(importlib.import_module(module), attr) is WRAPPED[module.rsplit(".", 1)[1]].main
 
 
 def _env() -> dict[str, str]:
@@ -88,7 +118,7 @@ def tiny_run(tmp_path_factory):
 
 def test_evaluate_writes_metrics_and_plot(tiny_run, tmp_path, capsys):
     out = tmp_path / "eval"
-    assert evaluate_script.main([str(tiny_run), "--output-dir", str(out), "--ks", "1", "2", "4", "8", "--verbose", "0"]) == 0
+    assert evaluate_cli.main([str(tiny_run), "--output-dir", str(out), "--ks", "1", "2", "4", "8", "--verbose", "0"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert {f"recall@{k}" for k in (1, 2, 4, 8)} | {"map@r", "nmi", "r_precision", "precision@1"} <= set(metrics)
     assert metrics["dataset"] == "digits" and metrics["model"].endswith("model.keras")
@@ -111,16 +141,16 @@ def _one_error_line(capsys, *fragments: str) -> str:
 def test_evaluate_never_overwrites_without_flag(tiny_run, tmp_path, capsys):
     # Next to the model (the default) there is already the run's metrics.json.
     before = {name: (tiny_run / name).read_bytes() for name in ("metrics.json", "recall_at_k.png")}
-    assert evaluate_script.main([str(tiny_run), "--verbose", "0"]) == 1
+    assert evaluate_cli.main([str(tiny_run), "--verbose", "0"]) == 1
     _one_error_line(capsys, "--overwrite")
     assert {name: (tiny_run / name).read_bytes() for name in before} == before
     out = tmp_path / "eval"
     out.mkdir()
     (out / "recall_at_k.png").write_bytes(b"mine")
-    assert evaluate_script.main([str(tiny_run / "model.keras"), "--output-dir", str(out), "--verbose", "0"]) == 1
+    assert evaluate_cli.main([str(tiny_run / "model.keras"), "--output-dir", str(out), "--verbose", "0"]) == 1
     _one_error_line(capsys, "already exist")
     assert (out / "recall_at_k.png").read_bytes() == b"mine" and not (out / "metrics.json").exists()
-    assert evaluate_script.main(
+    assert evaluate_cli.main(
         [str(tiny_run / "model.keras"), "--output-dir", str(out), "--overwrite", "--ks", "1", "--verbose", "0"]
     ) == 0
     assert (out / "recall_at_k.png").read_bytes()[:4] == b"\x89PNG"
@@ -130,9 +160,9 @@ def test_evaluate_never_overwrites_without_flag(tiny_run, tmp_path, capsys):
 def test_evaluate_a_bare_model_file_needs_a_dataset(tiny_run, tmp_path, capsys):
     model = tmp_path / "exported.keras"
     model.write_bytes((tiny_run / "model.keras").read_bytes())
-    assert evaluate_script.main([str(model), "--verbose", "0"]) == 1
+    assert evaluate_cli.main([str(model), "--verbose", "0"]) == 1
     _one_error_line(capsys, "--dataset")
-    assert evaluate_script.main([str(model), "--dataset", "digits", "--verbose", "0"]) == 0
+    assert evaluate_cli.main([str(model), "--dataset", "digits", "--verbose", "0"]) == 0
     assert (tmp_path / "metrics.json").is_file() and (tmp_path / "recall_at_k.png").is_file()
 
 
@@ -156,7 +186,7 @@ def test_evaluate_folder_with_only_a_test_dir(tiny_run, tmp_path, capsys):
     out = tmp_path / "eval"
     argv = [str(model), "--dataset", "folder", "--test-dir", str(test_dir), "--output-dir", str(out),
             "--ks", "1", "2", "--verbose", "0"]  # fmt: skip
-    assert evaluate_script.main(argv) == 0, capsys.readouterr().err
+    assert evaluate_cli.main(argv) == 0, capsys.readouterr().err
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["dataset"] == "folder" and 0.0 <= metrics["recall@1"] <= metrics["recall@2"] <= 1.0
 
@@ -184,7 +214,7 @@ def test_evaluate_expected_failures_are_one_error_line(tiny_run, tmp_path, capsy
         expected, test_dir = "no config.json", _gray_class_folders(test_dir)  # keras itself: KeyError
     argv = [str(model), "--dataset", "folder", "--test-dir", str(test_dir), "--output-dir", str(tmp_path / "o"),
             "--verbose", "0"]  # fmt: skip
-    assert evaluate_script.main(argv) == 1
+    assert evaluate_cli.main(argv) == 1
     _one_error_line(capsys, expected)
 
 
@@ -197,7 +227,7 @@ def test_omniglot_preset_one_tiny_epoch(tmp_path, capsys):
     argv = ["--preset", "omniglot", "--data-root", str(OMNIGLOT_ROOT), "--subset-classes", "8", "--epochs", "1",
             "--batch-size", "16", "--flow", "none", "--output-dir", str(tmp_path), "--run-name", "omni",
             "--verbose", "0"]  # fmt: skip
-    assert train_script.main(argv) == 0
+    assert train_cli.main(argv) == 0
     metrics = json.loads((tmp_path / "omni" / "metrics.json").read_text())
     assert metrics["epochs"] == 1 and 0.0 <= metrics["recall@1"] <= 1.0
     cfg = json.loads((tmp_path / "omni" / "config.json").read_text())
@@ -219,10 +249,9 @@ def test_omniglot_relative_data_root_resolves_from_the_repo_root(monkeypatch, tm
 
 
 def test_omniglot_benchmark_runs_on_the_embedded_data(tmp_path):
-    benchmark = load_script("omniglot_benchmark")
     argv = ["--seeds", "0", "--methods", "Proxy Anchor", "--output", str(tmp_path), "--set", "epochs=1",
             "--set", "subset_classes=6", "--set", "batch_size=24", "--set", "cnn_widths=[8]", "--set", "embedding_dim=8"]  # fmt: skip
-    assert benchmark.main(argv) == 0
+    assert omniglot_benchmark_cli.main(argv) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     config = results["configs"]["Proxy Anchor"]
     assert config["data_root"] is None and config["flow"] == "none" and config["subset_classes"] == 6
@@ -315,3 +344,23 @@ def test_tensorflow_log_line_pattern_matches_real_lines():
               "E0000 00:00:1796194496.997650    5272 cuda_platform.cc:52] failed call to cuInit\n")  # fmt: skip
     assert len(TF_LOG_LINE.findall(sample)) == 2
     assert TF_LOG_LINE.search("43/43 - 4s - 88ms/step - loss: 11.6\nraw pixels   37.12") is None
+
+
+def test_evaluate_embedding_map(tiny_run, tmp_path, capsys):
+    """--embedding-map: projector files of the whole test split (digits 5-9) and the t-SNE PNG; never overwritten."""
+    from detreg_keras.data import load_digits_split
+    from tests.test_embedding_map import PNG_MAGIC, check_projector_folder
+
+    out = tmp_path / "eval"
+    argv = [str(tiny_run), "--output-dir", str(out), "--ks", "1", "--embedding-map", "--verbose", "0"]
+    assert evaluate_cli.main(argv) == 0, capsys.readouterr().err
+    _, (_, y_test) = load_digits_split()
+    found = check_projector_folder(out / "projector", None, y_test)  # every test image, in order
+    assert found["dim"] == 8 and found["side"] == 32  # embedding_dim of the tiny run; 32-px thumbnails
+    assert found["sprite"] == (30 * 32, 30 * 32)  # 896 images on a 30 x 30 grid
+    assert (out / "embedding_map.png").read_bytes()[:8] == PNG_MAGIC
+    assert "embedding_map.png" in capsys.readouterr().out
+    (out / "metrics.json").unlink()
+    (out / "recall_at_k.png").unlink()
+    assert evaluate_cli.main(argv) == 1  # projector/ and the PNG exist: --overwrite needed
+    _one_error_line(capsys, "projector", "--overwrite")

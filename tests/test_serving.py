@@ -26,15 +26,14 @@ import detreg_keras  # noqa: E402
 from detreg_keras import export  # noqa: E402
 from detreg_keras.retrieval import Embedder, EmbeddingIndex  # noqa: E402
 from detreg_keras.serving import DEFAULT_MAX_REQUEST_BYTES, ServerThread, create_app  # noqa: E402
+from tests.image_corpus import encode  # noqa: E402
 
 SIZE, DIM = 32, 16
 TIMEOUT = httpx.Timeout(20.0)
 
 
 def _png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, "PNG")
-    return buf.getvalue()
+    return encode(array, "PNG")
 
 
 @pytest.fixture(scope="module")
@@ -333,10 +332,10 @@ def test_decode_pixel_budget_bounds_the_pixels_decoded_at_once(assets, monkeypat
     """6 concurrent requests of two 64x64 images: never more than the budget decoded at once (it was unbounded)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from detreg_keras import serving
+    from detreg_runtime import service
 
-    counting = _CountingDecoder(serving.load_image)
-    monkeypatch.setattr(serving, "load_image", counting)
+    counting = _CountingDecoder(service.load_image)
+    monkeypatch.setattr(service, "load_image", counting)
     image = base64.b64encode(_png(np.full((64, 64, 3), 100, np.uint8))).decode()
     app = create_app(assets["embedder"], None, decode_pixel_budget=budget_images * 64 * 64)
     with ServerThread(app) as running, httpx.Client(base_url=running.url, timeout=TIMEOUT) as c:

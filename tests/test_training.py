@@ -10,6 +10,7 @@ import keras
 import numpy as np
 import pytest
 
+from detreg_keras.cli import train as train_cli
 from detreg_keras.data import load_omniglot_split
 from detreg_keras.training import (
     DATASETS,
@@ -28,12 +29,10 @@ from detreg_keras.training import (
     resolve_config,
     run_training,
 )
-from tests.conftest import OMNIGLOT_DIR, load_script
+from tests.conftest import OMNIGLOT_DIR
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-
-train_script = load_script("train")
 
 
 def tiny(tmp_path: Path, **overrides) -> TrainConfig:
@@ -57,27 +56,27 @@ def tiny(tmp_path: Path, **overrides) -> TrainConfig:
 
 
 def test_omniglot_on_embedded_data_is_the_command_line_default():
-    command = train_script.parse_args([])
+    command = train_cli.parse_args([])
     assert command.cfg == resolve_config("omniglot") and command.resume is None
     assert command.baselines and not command.compare
     cfg = command.cfg
     assert cfg.preset == cfg.dataset == "omniglot" and cfg.data_root is None and cfg.data_dir is None
     assert (cfg.flow, cfg.num_couplings, cfg.hidden_units, cfg.dueling) == ("realnvp", 12, 128, True)
-    assert (cfg.learning_rate, cfg.head_lr_multiplier, cfg.epochs, cfg.image_size) == (1e-3, 0.1, 15, 28)
+    assert (cfg.learning_rate, cfg.head_lr_multiplier, cfg.epochs, cfg.image_size) == (1e-3, 1.0, 15, 28)
 
 
 def test_digits_preset_is_the_config_default():
-    assert resolve_config("digits") == TrainConfig() == train_script.parse_args(["--preset", "digits"]).cfg
+    assert resolve_config("digits") == TrainConfig() == train_cli.parse_args(["--preset", "digits"]).cfg
     cfg = TrainConfig()
     assert (cfg.learning_rate, cfg.head_lr_multiplier, cfg.proxy_lr_multiplier) == (3e-4, 1.0, 10.0)
     assert (cfg.epochs, cfg.batch_size, cfg.embedding_dim, cfg.hidden_units, cfg.num_couplings) == (20, 64, 128, 128, 12)
 
 
 def test_compare_and_baselines_flags():
-    command = train_script.parse_args(["--compare", "--no-baselines", "--seed", "3"])
+    command = train_cli.parse_args(["--compare", "--no-baselines", "--seed", "3"])
     assert command.compare and not command.baselines and command.cfg.seed == 3
     with pytest.raises(SystemExit):  # nothing to compare Proxy Anchor with
-        train_script.parse_args(["--compare", "--flow", "none"])
+        train_cli.parse_args(["--compare", "--flow", "none"])
 
 
 @pytest.mark.parametrize("preset", ["cub200", "cars196", "sop", "inshop"])
@@ -107,7 +106,7 @@ def test_preset_ks_and_datasets():
 
 
 def test_flags_override_the_preset():
-    cfg = train_script.parse_args(
+    cfg = train_cli.parse_args(
         ["--preset", "cub200", "--batch-size", "60", "--backbone", "resnet50", "--no-dueling",
          "--ks", "1", "5", "--backbone-weights", "none", "--sampler", "m_per_class", "--dataset", "folder"]
     ).cfg  # fmt: skip
@@ -115,7 +114,7 @@ def test_flags_override_the_preset():
     assert cfg.backbone_weights is None and cfg.sampler == "m_per_class" and cfg.dataset == "folder"
     # everything not given keeps the preset's value
     assert (cfg.embedding_dim, cfg.epochs, cfg.learning_rate, cfg.image_size) == (512, 30, 1e-4, 224)
-    cfg = train_script.parse_args(["--preset", "omniglot", "--flow", "none", "--image-size", "64"]).cfg
+    cfg = train_cli.parse_args(["--preset", "omniglot", "--flow", "none", "--image-size", "64"]).cfg
     assert cfg.flow == "none" and cfg.image_size == 64 and cfg.backbone == "small_cnn"
 
 
@@ -125,21 +124,21 @@ def test_resolve_config_rejects_unknown_names():
     with pytest.raises(ValueError, match="Unknown TrainConfig fields"):
         resolve_config("digits", learning_rat=1.0)
     with pytest.raises(SystemExit):
-        train_script.parse_args(["--preset", "imagenet"])
+        train_cli.parse_args(["--preset", "imagenet"])
 
 
 def test_resume_takes_the_saved_config(tmp_path):
     cfg = tiny(tmp_path, seed=7)
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.json").write_text(json.dumps(cfg.to_dict()))
-    loaded, resume, compare, _ = train_script.parse_args(["--resume", str(tmp_path / "run"), "--verbose", "1"])
+    loaded, resume, compare, _ = train_cli.parse_args(["--resume", str(tmp_path / "run"), "--verbose", "1"])
     assert not compare
     assert resume == str(tmp_path / "run")
     assert loaded == TrainConfig.from_dict({**cfg.to_dict(), "verbose": 1})
     with pytest.raises(SystemExit):  # other flags would silently change the run
-        train_script.parse_args(["--resume", str(tmp_path / "run"), "--epochs", "5"])
+        train_cli.parse_args(["--resume", str(tmp_path / "run"), "--epochs", "5"])
     with pytest.raises(SystemExit):
-        train_script.parse_args(["--resume", str(tmp_path / "run"), "--compare"])
+        train_cli.parse_args(["--resume", str(tmp_path / "run"), "--compare"])
 
 
 # ----------------------------------------------------------------------------- data of the presets
@@ -185,7 +184,7 @@ def test_a_path_the_dataset_would_ignore_is_an_error(preset, paths, message):
 
 def test_the_command_line_refuses_an_ignored_path(capsys):
     with pytest.raises(SystemExit):
-        train_script.parse_args(["--preset", "digits", "--data-dir", "/data/omniglot"])
+        train_cli.parse_args(["--preset", "digits", "--data-dir", "/data/omniglot"])
     assert "digits dataset does not use --data-dir /data/omniglot" in capsys.readouterr().err
 
 
@@ -423,16 +422,16 @@ def test_tfds_preset_on_mocked_cub200(tmp_path):
 
 
 def test_baselines_are_the_untrained_model_and_the_pixels(tmp_path, monkeypatch):
-    from detreg_keras import training
+    from detreg_keras.training import runner
 
     plotted: dict = {}
-    real_plot = training.plot_recall_at_k
+    real_plot = runner.plot_recall_at_k
 
     def spy(curves, path, **kwargs):
         plotted.update(curves)
         return real_plot(curves, path, **kwargs)
 
-    monkeypatch.setattr(training, "plot_recall_at_k", spy)
+    monkeypatch.setattr(runner, "plot_recall_at_k", spy)
     cfg = tiny(tmp_path, epochs=1, num_couplings=1, dueling=False, seed=5, run_name="b")
     reference = {"recall@1": 0.5, "recall@2": 0.6, "recall@4": 0.7, "recall@8": 0.8}
     result = run_training(cfg, baselines=True, references={"Proxy Anchor": reference})
@@ -457,7 +456,7 @@ def test_main_job_prints_the_baseline_table_with_compare(tmp_path, capsys):
     argv = ["--compare", "--subset-classes", "8", "--epochs", "1", "--batch-size", "16", "--cnn-widths", "8", "16",
             "--embedding-dim", "8", "--num-couplings", "1", "--hidden-units", "8", "--output-dir", str(tmp_path),
             "--run-name", "main", "--verbose", "0"]  # fmt: skip
-    assert train_script.main(argv) == 0
+    assert train_cli.main(argv) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("method"))
@@ -492,7 +491,7 @@ def test_head_stability_fields_reach_the_model_and_the_optimizer(tmp_path):
     warm = make_run_optimizer(tiny(tmp_path, head_warmup_epochs=1.5), steps_per_epoch=4)
     assert warm.ramp_for_path("dreg_flow_max/coupling_0/net/out/kernel") == 6
     defaults = build_model(tiny(tmp_path), num_classes=5)
-    assert (defaults.head_input_norm, defaults.shift_bound, defaults.log_scale_bound) == ("none", None, 2.0)
+    assert (defaults.head_input_norm, defaults.shift_bound, defaults.log_scale_bound) == ("l2", 0.1, 0.1)  # issue 13
     assert make_run_optimizer(tiny(tmp_path), steps_per_epoch=4).clipvalue is None
     # an old run's config.json (written before these fields) still loads
     old = {k: v for k, v in cfg.to_dict().items()
@@ -502,10 +501,33 @@ def test_head_stability_fields_reach_the_model_and_the_optimizer(tmp_path):
 
 
 def test_head_stability_flags():
-    cfg = train_script.parse_args(["--shift-bound", "1", "--head-input-norm", "l2", "--log-scale-bound", "0.5",
+    cfg = train_cli.parse_args(["--shift-bound", "1", "--head-input-norm", "l2", "--log-scale-bound", "0.5",
                                    "--coupling-reduction", "mean", "--clipvalue", "10",
                                    "--head-warmup-epochs", "1"]).cfg
     assert (cfg.shift_bound, cfg.head_input_norm, cfg.log_scale_bound) == (1.0, "l2", 0.5)
     assert (cfg.coupling_reduction, cfg.clipvalue, cfg.head_warmup_epochs) == ("mean", 10.0, 1.0)
-    cfg = train_script.parse_args(["--shift-bound", "none", "--clipvalue", "none"]).cfg
+    cfg = train_cli.parse_args(["--shift-bound", "none", "--clipvalue", "none"]).cfg
     assert cfg.shift_bound is None and cfg.clipvalue is None
+
+
+def test_embedding_map_is_opt_in():
+    assert not TrainConfig().embedding_map and not resolve_config("omniglot").embedding_map  # off by default
+    assert not train_cli.parse_args([]).cfg.embedding_map and train_cli.parse_args(["--embedding-map"]).cfg.embedding_map
+
+
+@pytest.mark.slow
+def test_embedding_map_flag_writes_the_maps_into_the_run_folder(tmp_path):
+    """`train --embedding-map`: the run folder gets projector/ (every test image) and embedding_map.png
+    (27 s at load 6-10 on 2 cores: a 1-epoch run and t-SNE)."""
+    from tests.test_embedding_map import PNG_MAGIC, check_projector_folder
+
+    argv = ["--preset", "digits", "--subset-classes", "2", "--epochs", "1", "--cnn-widths", "8", "--embedding-dim", "8",
+            "--num-couplings", "1", "--hidden-units", "8", "--no-baselines", "--embedding-map", "--output-dir",
+            str(tmp_path), "--run-name", "map", "--verbose", "0"]  # fmt: skip
+    assert train_cli.main(argv) == 0
+    run_dir = tmp_path / "map"
+    splits, _ = load_splits(load_run_config(run_dir))
+    found = check_projector_folder(run_dir / "projector", None, splits.test[1])
+    assert found["dim"] == 8
+    assert (run_dir / "embedding_map.png").read_bytes()[:8] == PNG_MAGIC
+    assert json.loads((run_dir / "metrics.json").read_text())["embedding_map_seconds"] > 0

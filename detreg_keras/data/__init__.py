@@ -9,6 +9,8 @@
 * :mod:`~detreg_keras.data.tfds_loaders`: CUB-200-2011, Cars196, SOP (tfds), In-shop.
 * :mod:`~detreg_keras.data.sampling`: m-per-class and random batch samplers.
 * :mod:`~detreg_keras.data.pipeline`: decoding, augmentation, tf.data pipelines.
+* :mod:`~detreg_keras.data.registry`: datasets by name (:data:`DATASETS`) and
+  :func:`load_splits` (a run's class-disjoint splits from its config).
 """
 
 from __future__ import annotations
@@ -39,6 +41,15 @@ from detreg_keras.data.pipeline import (
     train_transform,
 )
 from detreg_keras.data.records import CorruptImageWarning, ImageRecords
+from detreg_keras.data.registry import (
+    DATASETS,
+    DataSplits,
+    check_paths,
+    load_splits,
+    resolve_data_path,
+    select_classes,
+    source_labels,
+)
 from detreg_keras.data.sampling import (
     MPerClassSampler,
     RandomSampler,
@@ -62,12 +73,14 @@ from detreg_keras.data.tfds_loaders import (
 )
 
 __all__ = [
+    "DATASETS",
     "IMAGE_EXTENSIONS",
     "OMNIGLOT_PACKAGE_DATA",
     "OMNIGLOT_TEST_ALPHABETS",
     "ClassSplit",
     "CorruptImageWarning",
     "DMLDatasets",
+    "DataSplits",
     "DecodeStats",
     "ImageRecords",
     "InShopRecords",
@@ -77,6 +90,7 @@ __all__ = [
     "RandomSampler",
     "carve_validation_classes",
     "check_image_bytes",
+    "check_paths",
     "decode_image",
     "decode_train_transform",
     "ensure_rgb",
@@ -90,12 +104,16 @@ __all__ = [
     "load_omniglot",
     "load_omniglot_split",
     "load_sop",
+    "load_splits",
     "m_per_class_steps",
     "make_eval_dataset",
     "make_train_dataset",
     "random_resized_crop_box",
     "records_from_dataset",
     "remap_labels",
+    "resolve_data_path",
+    "select_classes",
+    "source_labels",
     "split_classes",
     "train_transform",
 ]

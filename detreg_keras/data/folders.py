@@ -40,12 +40,10 @@ from typing import Literal
 import numpy as np
 
 from detreg_keras.data.records import CorruptImageWarning, ImageRecords
+from detreg_runtime.imaging import IMAGE_EXTENSIONS  # the one extension list, shared with serving
 
-#: File extensions treated as images (compared lower-case).
-IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
-
-#: PIL formats that ``tf.io.decode_image`` decodes.
-_TF_FORMATS = frozenset({"JPEG", "PNG", "BMP", "GIF"})
+#: PIL formats that ``tf.io.decode_image`` decodes (TensorFlow >= 2.16 decodes WebP).
+_TF_FORMATS = frozenset({"JPEG", "PNG", "BMP", "GIF", "WEBP"})
 
 ValidateMode = Literal["verify", "decode", "none"]
 

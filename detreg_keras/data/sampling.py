@@ -1,4 +1,4 @@
-"""Batch samplers: m-per-class (P classes x m samples) and plain random.
+"""Label batch samplers: m-per-class (P classes x m samples), SPC-R and plain random.
 
 The samplers are **NumPy index generators**: ``sampler.epoch_indices(e)``
 returns the whole index plan of epoch ``e`` as an array, computed from
@@ -27,6 +27,19 @@ classes_per_batch`` and ``m = samples_per_class``:
 * Epoch length is therefore :meth:`MPerClassSampler.__len__` batches,
   the same every epoch; order, chunks and fillers change with the epoch.
 
+SPC-R semantics (:class:`SPCRSampler`, Roth et al. 2020, "Revisiting
+Training Strategies and Generalization Performance in Deep Metric Learning",
+data sampling): each batch is ``batch_size - 1`` distinct examples drawn uniformly at
+random plus one more example of the label of one of them (:func:`spc_r_batch`),
+so every batch holds at least one same-class pair; ``len(sampler)`` is
+``num_examples // batch_size`` batches per epoch.
+
+The embedding-driven samplers of the same paper (greedy coreset, DDM, FRD)
+live in :mod:`detreg_keras.data.embedded_sampling`; they plan *one batch at a
+time* (``sampler.batch_indices(epoch, step)``) so that each batch reads the
+latest stored embeddings, and :func:`plan_dataset` then makes one element per
+batch instead of one per epoch.
+
 Random semantics (:class:`RandomSampler`): each epoch is a fresh permutation
 of all images, to be cut into batches by the pipeline (the last, short batch
 is dropped when ``drop_remainder``).
@@ -36,7 +49,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -150,6 +163,116 @@ class MPerClassSampler:
             raise AssertionError("MPerClassSampler left chunks unplaced.")
         return batches
 
+def spc_r_batch(
+    labels: Sequence[int] | np.ndarray, batch_size: int, rng: np.random.Generator
+) -> np.ndarray:
+    """One SPC-R batch (Roth et al. 2020, data sampling): random examples plus one same-class partner.
+
+    ``batch_size - 1`` distinct examples are drawn uniformly without
+    replacement; the last example is an undrawn example sharing the label of
+    one of them (that one chosen uniformly among those whose class has an
+    undrawn member). When no drawn example has such a partner left, either the
+    batch already holds a same-class pair (then the last example is any undrawn
+    one), or every drawn example is alone in its class and the first one is
+    swapped for an example of a class with at least two members before its
+    partner is added.
+
+    Args:
+        labels: integer label of each example.
+        batch_size: examples per batch, ``2 <= batch_size <= len(labels)``.
+        rng: the random generator.
+
+    Returns:
+        ``int64 [batch_size]`` distinct example indices holding at least one
+        pair of examples with the same label.
+
+    Raises:
+        ValueError: for ``batch_size < 2``, more than ``len(labels)``, or
+            labels in which no class has two examples.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    n = labels.size
+    if batch_size < 2 or batch_size > n:
+        raise ValueError(
+            f"SPC-R needs 2 <= batch_size <= number of examples ({n}), got batch_size={batch_size}."
+        )
+    classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    if counts.max() < 2:
+        raise ValueError(
+            f"SPC-R needs a class with at least 2 examples for its same-class partner, "
+            f"but all {len(classes)} classes hold a single example."
+        )
+    batch = rng.choice(n, size=batch_size - 1, replace=False)
+    drawn = np.zeros(n, dtype=bool)
+    drawn[batch] = True
+    undrawn_per_class = np.bincount(inverse[~drawn], minlength=len(classes))
+    anchors = batch[undrawn_per_class[inverse[batch]] > 0]
+    if len(anchors) == 0:
+        if (np.bincount(inverse[batch], minlength=len(classes)) >= 2).any():
+            extra = rng.choice(np.flatnonzero(~drawn))
+            return np.append(batch, extra).astype(np.int64)
+        # every drawn example is alone in its class: swap the first for a pairable one
+        pairable = np.flatnonzero(~drawn & (counts[inverse] >= 2))
+        drawn[batch[0]] = False
+        batch[0] = rng.choice(pairable)
+        drawn[batch[0]] = True
+        anchors = batch[:1]
+    anchor = rng.choice(anchors)
+    partners = np.flatnonzero(~drawn & (inverse == inverse[anchor]))
+    return np.append(batch, rng.choice(partners)).astype(np.int64)
+
+
+class SPCRSampler:
+    """SPC-R batches (:func:`spc_r_batch`): random examples with one guaranteed same-class pair.
+
+    Args:
+        labels: integer label of each example.
+        batch_size: examples per batch (at least 2).
+        seed: base seed; epoch ``e`` uses ``default_rng([seed, e])``.
+        steps_per_epoch: batches per epoch; default ``num_examples // batch_size``.
+
+    Raises:
+        ValueError: as :func:`spc_r_batch` (checked here, not at the first batch).
+    """
+
+    def __init__(
+        self,
+        labels: Sequence[int] | np.ndarray,
+        batch_size: int,
+        seed: int = 0,
+        steps_per_epoch: int | None = None,
+    ) -> None:
+        self.labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        spc_r_batch(self.labels, batch_size, np.random.default_rng(0))  # validates
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.num_examples = int(self.labels.size)
+        self.steps_per_epoch = check_steps(steps_per_epoch, self.num_examples // self.batch_size)
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        return self.steps_per_epoch
+
+    def epoch_indices(self, epoch: int = 0) -> np.ndarray:
+        """The index plan of one epoch: ``int64 [len(self), batch_size]``, one SPC-R batch a row."""
+        rng = np.random.default_rng([self.seed, int(epoch)])
+        return np.stack([spc_r_batch(self.labels, self.batch_size, rng) for _ in range(len(self))])
+
+
+def check_steps(steps_per_epoch: int | None, default: int) -> int:
+    """``steps_per_epoch`` (or ``default``), checked to be at least 1.
+
+    Raises:
+        ValueError: when the result is below 1 (e.g. a batch larger than the data).
+    """
+    steps = default if steps_per_epoch is None else int(steps_per_epoch)
+    if steps < 1:
+        raise ValueError(
+            f"an epoch needs at least one batch, got steps_per_epoch={steps} "
+            "(pass steps_per_epoch, or a batch_size no larger than the number of examples)."
+        )
+    return steps
+
 
 class RandomSampler:
     """Uniformly shuffled examples, a new permutation each epoch.
@@ -174,7 +297,19 @@ class RandomSampler:
         return np.random.default_rng([self.seed, int(epoch)]).permutation(self.num_examples)
 
 
-Sampler = MPerClassSampler | RandomSampler
+class Sampler(Protocol):
+    """What :func:`plan_dataset` needs of an index sampler.
+
+    A sampler may also define ``batch_indices(epoch, step) -> int64 [batch_size]``
+    (the embedded samplers do); :func:`plan_dataset` then plans one batch at a time.
+    """
+
+    seed: int
+    num_examples: int
+
+    def __len__(self) -> int: ...
+
+    def epoch_indices(self, epoch: int = 0) -> np.ndarray: ...
 
 
 def m_per_class_steps(
@@ -184,18 +319,23 @@ def m_per_class_steps(
     return len(MPerClassSampler(labels, classes_per_batch, samples_per_class))
 
 
-def epoch_seeds(sampler: Sampler, epoch: int, shape: tuple[int, ...]) -> np.ndarray:
-    """Stateless-random seeds for the augmentations of one epoch.
+def epoch_seeds(
+    sampler: Sampler, epoch: int, shape: tuple[int, ...], step: int | None = None
+) -> np.ndarray:
+    """Stateless-random seeds for the augmentations of one epoch (or one batch of it).
 
     Args:
         sampler: supplies the base seed.
         epoch: epoch number.
-        shape: shape of the epoch's index plan.
+        shape: shape of the epoch's (or the batch's) index plan.
+        step: batch number, for samplers planned one batch at a time.
 
     Returns:
-        ``int64`` array ``shape + (2,)`` from ``default_rng([seed, epoch, 1])``.
+        ``int64`` array ``shape + (2,)`` from ``default_rng([seed, epoch, 1])``
+        (``[seed, epoch, 1, step]`` for one batch).
     """
-    rng = np.random.default_rng([sampler.seed, int(epoch), 1])
+    key = [sampler.seed, int(epoch), 1] + ([] if step is None else [int(step)])
+    rng = np.random.default_rng(key)
     return rng.integers(0, _SEED_MAX, size=(*shape, 2), dtype=np.int64)
 
 
@@ -226,6 +366,30 @@ def iter_epochs(
             return
 
 
+def iter_batch_plans(
+    sampler: Sampler,
+    state: dict[str, int],
+    on_epoch: Callable[[int], None] | None = None,
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Yields ``(epoch, indices [1, B], seeds [1, B, 2])``, one batch at a time, forever.
+
+    For samplers with ``batch_indices(epoch, step)`` (the embedded samplers):
+    batch ``k`` overall is step ``k % len(sampler)`` of epoch ``k // len(sampler)``.
+
+    Args:
+        sampler: the index sampler.
+        state: mutable ``{"batch": k}``, the next batch overall.
+        on_epoch: called with the epoch number before its first batch is planned.
+    """
+    while True:
+        epoch, step = divmod(state["batch"], len(sampler))
+        state["batch"] += 1
+        if step == 0 and on_epoch is not None:
+            on_epoch(epoch)
+        rows = np.asarray(sampler.batch_indices(epoch, step), dtype=np.int64)[None]
+        yield epoch, rows, epoch_seeds(sampler, epoch, rows.shape, step)
+
+
 def plan_dataset(
     sampler: Sampler,
     repeat: bool = False,
@@ -245,6 +409,11 @@ def plan_dataset(
     ``repeat=True`` it runs through epochs ``0, 1, 2, ...`` forever. A new
     dataset always starts at epoch 0, so runs are reproducible from ``seed``.
 
+    A sampler with ``batch_indices(epoch, step)`` is planned one batch at a
+    time instead (:func:`iter_batch_plans`; one Python call per batch): each
+    element is one batch, ``indices [1, B]``, and a one-epoch dataset is
+    ``len(sampler)`` elements long.
+
     Args:
         sampler: the index sampler.
         repeat: loop over epochs forever.
@@ -252,12 +421,18 @@ def plan_dataset(
 
     Returns:
         Elements ``(int64 [], int64 indices, int64 seeds)``: indices ``[N]``
-        (:class:`RandomSampler`) or ``[batches, P * m]``
-        (:class:`MPerClassSampler`), seeds ``indices.shape + (2,)``.
+        (:class:`RandomSampler`), ``[batches, B]`` (:class:`MPerClassSampler`,
+        :class:`SPCRSampler`) or ``[1, B]`` (one batch, ``batch_indices``
+        samplers), seeds ``indices.shape + (2,)``.
     """
     import tensorflow as tf  # noqa: PLC0415
 
-    plans = iter_epochs(sampler, True, {"epoch": 0}, on_epoch)  # one next() per epoch element
+    per_batch = hasattr(sampler, "batch_indices")
+    plans = (  # one next() per element
+        iter_batch_plans(sampler, {"batch": 0}, on_epoch)
+        if per_batch
+        else iter_epochs(sampler, True, {"epoch": 0}, on_epoch)
+    )
 
     def next_plan(_: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         epoch, indices, seeds = next(plans)
@@ -274,9 +449,12 @@ def plan_dataset(
         seeds.set_shape([*row, 2])
         return epoch, indices, seeds
 
-    start = tf.data.Dataset.from_tensors(tf.constant(0, tf.int64))
-    if repeat:
-        start = start.repeat()
+    if per_batch and not repeat:
+        start = tf.data.Dataset.range(len(sampler))
+    else:
+        start = tf.data.Dataset.from_tensors(tf.constant(0, tf.int64))
+        if repeat:
+            start = start.repeat()
     return start.map(plan)
 
 
@@ -298,11 +476,14 @@ def index_dataset(
             augmentations.
 
     Returns:
-        Elements ``indices`` or ``(indices, seeds)``.
+        Elements ``indices`` or ``(indices, seeds)``; a one-epoch dataset
+        declares its length (``len(sampler)`` elements).
     """
     import tensorflow as tf  # noqa: PLC0415
 
     def split(_: tf.Tensor, indices: tf.Tensor, seeds: tf.Tensor) -> tf.data.Dataset:
         return tf.data.Dataset.from_tensor_slices((indices, seeds) if with_seeds else indices)
 
-    return plan_dataset(sampler, repeat).flat_map(split)
+    ds = plan_dataset(sampler, repeat).flat_map(split)
+    # flat_map hides the length; Keras needs it to end epoch 1 without a "ran out of data" warning
+    return ds if repeat else ds.apply(tf.data.experimental.assert_cardinality(len(sampler)))

@@ -31,6 +31,7 @@ from detreg_keras.losses.recall_at_k import RecallAtKLoss, recall_at_k_loss
 from detreg_keras.losses.rho import RhoTripletLoss, rho_spectrum, rho_triplet_loss
 from detreg_keras.losses.soft_triple import SoftTripleLoss, soft_triple_loss
 from detreg_keras.losses.triplet import TripletMarginLoss, triplet_margin_loss
+from detreg_keras.losses.xbm import CrossBatchMemory, cross_batch_loss  # cross-batch memory (XBM)
 
 #: name -> loss layer class. Every entry accepts ``num_classes`` and ``embedding_dim``.
 LOSSES: dict[str, Callable[..., DMLLoss]] = {
@@ -54,6 +55,8 @@ LOSSES: dict[str, Callable[..., DMLLoss]] = {
     "normalized_softmax": NormalizedSoftmaxLoss,
     "cosface": CosFaceLoss,
     "arcface": ArcFaceLoss,
+    # wrapper: a pair loss over the batch and a queue of past embeddings
+    "xbm": CrossBatchMemory,
 }
 
 
@@ -86,6 +89,7 @@ __all__ = [
     "CircleLoss",
     "ContrastiveLoss",
     "CosFaceLoss",
+    "CrossBatchMemory",
     "DMLLoss",
     "DirectionRegularizedTripletLoss",
     "LiftedStructureLoss",
@@ -105,6 +109,7 @@ __all__ = [
     "circle_loss",
     "contrastive_loss",
     "cosface_loss",
+    "cross_batch_loss",
     "direction_regularized_triplet_loss",
     "get",
     "lifted_structure_loss",

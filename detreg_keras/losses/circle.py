@@ -64,6 +64,7 @@ class CircleLoss(DMLLoss):
     """
 
     metric_name = "circle_loss"
+    loss_fn = staticmethod(circle_loss)
 
     def __init__(
         self,
@@ -73,14 +74,5 @@ class CircleLoss(DMLLoss):
         gamma: float = 80.0,
         **kwargs,
     ):
-        super().__init__(num_classes=num_classes, embedding_dim=embedding_dim, **kwargs)
-        self.margin = float(margin)
-        self.gamma = float(gamma)
-
-    def compute(self, embeddings, labels):
-        return circle_loss(embeddings, labels, margin=self.margin, gamma=self.gamma)
-
-    def get_config(self) -> dict:
-        config = super().get_config()
-        config.update({"margin": self.margin, "gamma": self.gamma})
-        return config
+        hyper = {"margin": float(margin), "gamma": float(gamma)}
+        super().__init__(num_classes=num_classes, embedding_dim=embedding_dim, hyper=hyper, **kwargs)

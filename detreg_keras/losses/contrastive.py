@@ -68,6 +68,7 @@ class ContrastiveLoss(DMLLoss):
     """
 
     metric_name = "contrastive_loss"
+    loss_fn = staticmethod(contrastive_loss)
 
     def __init__(
         self,
@@ -78,17 +79,5 @@ class ContrastiveLoss(DMLLoss):
         power: float = 1.0,
         **kwargs,
     ):
-        super().__init__(num_classes=num_classes, embedding_dim=embedding_dim, **kwargs)
-        self.pos_margin = float(pos_margin)
-        self.neg_margin = float(neg_margin)
-        self.power = float(power)
-
-    def compute(self, embeddings, labels):
-        return contrastive_loss(
-            embeddings, labels, pos_margin=self.pos_margin, neg_margin=self.neg_margin, power=self.power
-        )
-
-    def get_config(self) -> dict:
-        config = super().get_config()
-        config.update({"pos_margin": self.pos_margin, "neg_margin": self.neg_margin, "power": self.power})
-        return config
+        hyper = {"pos_margin": float(pos_margin), "neg_margin": float(neg_margin), "power": float(power)}
+        super().__init__(num_classes=num_classes, embedding_dim=embedding_dim, hyper=hyper, **kwargs)

@@ -107,6 +107,7 @@ class DirectionRegularizedTripletLoss(DMLLoss):
     """
 
     metric_name = "triplet_dr_loss"
+    loss_fn = staticmethod(direction_regularized_triplet_loss)
 
     def __init__(
         self,
@@ -122,18 +123,5 @@ class DirectionRegularizedTripletLoss(DMLLoss):
             raise ValueError(f"mining must be one of {MINING_STRATEGIES}, got {mining!r}.")
         if float(gamma) < 0:
             raise ValueError(f"gamma (direction-regulariser weight) must be >= 0, got {gamma!r}.")
-        super().__init__(num_classes=num_classes, embedding_dim=embedding_dim, **kwargs)
-        self.margin = float(margin)
-        self.gamma = float(gamma)
-        self.mining = str(mining)
-        self.squared = bool(squared)
-
-    def compute(self, embeddings, labels):
-        return direction_regularized_triplet_loss(
-            embeddings, labels, margin=self.margin, gamma=self.gamma, mining=self.mining, squared=self.squared
-        )
-
-    def get_config(self) -> dict:
-        config = super().get_config()
-        config.update({"margin": self.margin, "gamma": self.gamma, "mining": self.mining, "squared": self.squared})
-        return config
+        hyper = {"margin": float(margin), "gamma": float(gamma), "mining": str(mining), "squared": bool(squared)}
+        super().__init__(num_classes=num_classes, embedding_dim=embedding_dim, hyper=hyper, **kwargs)

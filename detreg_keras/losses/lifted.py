@@ -58,15 +58,7 @@ class LiftedStructureLoss(DMLLoss):
     """
 
     metric_name = "lifted_structure_loss"
+    loss_fn = staticmethod(lifted_structure_loss)
 
     def __init__(self, num_classes: int | None = None, embedding_dim: int | None = None, margin: float = 1.0, **kwargs):
-        super().__init__(num_classes=num_classes, embedding_dim=embedding_dim, **kwargs)
-        self.margin = float(margin)
-
-    def compute(self, embeddings, labels):
-        return lifted_structure_loss(embeddings, labels, margin=self.margin)
-
-    def get_config(self) -> dict:
-        config = super().get_config()
-        config.update({"margin": self.margin})
-        return config
+        super().__init__(num_classes=num_classes, embedding_dim=embedding_dim, hyper={"margin": float(margin)}, **kwargs)

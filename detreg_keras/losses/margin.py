@@ -198,6 +198,9 @@ class MarginLoss(DMLLoss):
     """
 
     metric_name = "margin_loss"
+    loss_fn = staticmethod(margin_loss)
+    weight_args = ("beta",)
+    layer_only = ("beta_init", "beta_mode")
 
     def __init__(
         self,
@@ -224,16 +227,17 @@ class MarginLoss(DMLLoss):
             )
         if weight_cap is not None and float(weight_cap) <= 0:
             raise ValueError(f"MarginLoss needs weight_cap > 0 or None, got {weight_cap!r}.")
-        super().__init__(num_classes=num_classes, embedding_dim=embedding_dim, **kwargs)
-        self.alpha = float(alpha)
-        self.beta_init = float(beta_init)
-        self.beta_mode = str(beta_mode)
-        self.nu = float(nu)
-        self.cutoff = float(cutoff)
-        self.nonzero_loss_cutoff = float(nonzero_loss_cutoff)
-        self.weight_cap = None if weight_cap is None else float(weight_cap)
-        self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
+        hyper = {
+            "alpha": float(alpha),
+            "beta_init": float(beta_init),
+            "beta_mode": str(beta_mode),
+            "nu": float(nu),
+            "cutoff": float(cutoff),
+            "nonzero_loss_cutoff": float(nonzero_loss_cutoff),
+            "weight_cap": None if weight_cap is None else float(weight_cap),
+            "seed": seed,
+        }
+        super().__init__(num_classes=num_classes, embedding_dim=embedding_dim, hyper=hyper, **kwargs)
 
     def build(self, input_shape=None):
         size = self.num_classes if self.beta_mode == "class" else 1
@@ -241,32 +245,3 @@ class MarginLoss(DMLLoss):
             name="beta", shape=(size,), initializer=keras.initializers.Constant(self.beta_init), trainable=True
         )
         self.built = True
-
-    def compute(self, embeddings, labels):
-        return margin_loss(
-            embeddings,
-            labels,
-            self.beta,
-            alpha=self.alpha,
-            nu=self.nu,
-            cutoff=self.cutoff,
-            nonzero_loss_cutoff=self.nonzero_loss_cutoff,
-            weight_cap=self.weight_cap,
-            seed=self.seed_generator.next(),
-        )
-
-    def get_config(self) -> dict:
-        config = super().get_config()
-        config.update(
-            {
-                "alpha": self.alpha,
-                "beta_init": self.beta_init,
-                "beta_mode": self.beta_mode,
-                "nu": self.nu,
-                "cutoff": self.cutoff,
-                "nonzero_loss_cutoff": self.nonzero_loss_cutoff,
-                "weight_cap": self.weight_cap,
-                "seed": self.seed,
-            }
-        )
-        return config

@@ -28,7 +28,7 @@ import keras
 import tensorflow as tf
 
 from detreg_keras.losses import _pairs
-from detreg_keras.losses.base import DMLLoss
+from detreg_keras.losses.base import ProxyLoss
 
 
 def _cosine_logits(embeddings: tf.Tensor, proxies: tf.Tensor) -> tf.Tensor:
@@ -104,32 +104,11 @@ def arcface_loss(
     return _cross_entropy(labels, scale * tf.where(onehot, phi, cos))
 
 
-class _WeightMatrixLoss(DMLLoss):
-    """Shared plumbing: a ``[C, D]`` class weight matrix named ``proxies``, ``N(0, 1)`` init (PML)."""
-
-    has_proxies = True
-
-    def __init__(self, num_classes: int, embedding_dim: int, **kwargs):
-        name = type(self).__name__
-        if num_classes is None or int(num_classes) < 1:
-            raise ValueError(f"{name} needs num_classes >= 1, got {num_classes!r}.")
-        if embedding_dim is None or int(embedding_dim) < 1:
-            raise ValueError(f"{name} needs embedding_dim >= 1, got {embedding_dim!r}.")
-        super().__init__(num_classes=num_classes, embedding_dim=embedding_dim, **kwargs)
-
-    def build(self, input_shape=None):
-        self.proxies = self.add_weight(
-            name="proxies",
-            shape=(self.num_classes, self.embedding_dim),
-            initializer=keras.initializers.RandomNormal(stddev=1.0),
-            trainable=True,
-        )
-        self.built = True
-
-
 @keras.saving.register_keras_serializable(package="detreg_keras")
-class NormalizedSoftmaxLoss(_WeightMatrixLoss):
+class NormalizedSoftmaxLoss(ProxyLoss):
     """Keras wrapper of :func:`normalized_softmax_loss` (registry name ``"normalized_softmax"``).
+
+    Owns a ``[C, D]`` class weight matrix named ``proxies``, ``N(0, 1)`` init (PML).
 
     Args:
         num_classes: number of training classes ``C``.
@@ -139,23 +118,18 @@ class NormalizedSoftmaxLoss(_WeightMatrixLoss):
     """
 
     metric_name = "normalized_softmax_loss"
+    loss_fn = staticmethod(normalized_softmax_loss)
 
     def __init__(self, num_classes: int, embedding_dim: int, temperature: float = 0.05, **kwargs):
-        super().__init__(num_classes=num_classes, embedding_dim=embedding_dim, **kwargs)
-        self.temperature = float(temperature)
-
-    def compute(self, embeddings, labels):
-        return normalized_softmax_loss(embeddings, labels, self.proxies, temperature=self.temperature)
-
-    def get_config(self) -> dict:
-        config = super().get_config()
-        config.update({"temperature": self.temperature})
-        return config
+        hyper = {"temperature": float(temperature)}
+        super().__init__(num_classes=num_classes, embedding_dim=embedding_dim, hyper=hyper, **kwargs)
 
 
 @keras.saving.register_keras_serializable(package="detreg_keras")
-class CosFaceLoss(_WeightMatrixLoss):
+class CosFaceLoss(ProxyLoss):
     """Keras wrapper of :func:`cosface_loss` (registry name ``"cosface"``).
+
+    Owns a ``[C, D]`` class weight matrix named ``proxies``, ``N(0, 1)`` init (PML).
 
     Args:
         num_classes: number of training classes ``C``.
@@ -166,24 +140,18 @@ class CosFaceLoss(_WeightMatrixLoss):
     """
 
     metric_name = "cosface_loss"
+    loss_fn = staticmethod(cosface_loss)
 
     def __init__(self, num_classes: int, embedding_dim: int, scale: float = 64.0, margin: float = 0.35, **kwargs):
-        super().__init__(num_classes=num_classes, embedding_dim=embedding_dim, **kwargs)
-        self.scale = float(scale)
-        self.margin = float(margin)
-
-    def compute(self, embeddings, labels):
-        return cosface_loss(embeddings, labels, self.proxies, scale=self.scale, margin=self.margin)
-
-    def get_config(self) -> dict:
-        config = super().get_config()
-        config.update({"scale": self.scale, "margin": self.margin})
-        return config
+        hyper = {"scale": float(scale), "margin": float(margin)}
+        super().__init__(num_classes=num_classes, embedding_dim=embedding_dim, hyper=hyper, **kwargs)
 
 
 @keras.saving.register_keras_serializable(package="detreg_keras")
-class ArcFaceLoss(_WeightMatrixLoss):
+class ArcFaceLoss(ProxyLoss):
     """Keras wrapper of :func:`arcface_loss` (registry name ``"arcface"``).
+
+    Owns a ``[C, D]`` class weight matrix named ``proxies``, ``N(0, 1)`` init (PML).
 
     Args:
         num_classes: number of training classes ``C``.
@@ -194,16 +162,8 @@ class ArcFaceLoss(_WeightMatrixLoss):
     """
 
     metric_name = "arcface_loss"
+    loss_fn = staticmethod(arcface_loss)
 
     def __init__(self, num_classes: int, embedding_dim: int, scale: float = 64.0, margin: float = 0.5, **kwargs):
-        super().__init__(num_classes=num_classes, embedding_dim=embedding_dim, **kwargs)
-        self.scale = float(scale)
-        self.margin = float(margin)
-
-    def compute(self, embeddings, labels):
-        return arcface_loss(embeddings, labels, self.proxies, scale=self.scale, margin=self.margin)
-
-    def get_config(self) -> dict:
-        config = super().get_config()
-        config.update({"scale": self.scale, "margin": self.margin})
-        return config
+        hyper = {"scale": float(scale), "margin": float(margin)}
+        super().__init__(num_classes=num_classes, embedding_dim=embedding_dim, hyper=hyper, **kwargs)

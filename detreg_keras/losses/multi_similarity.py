@@ -80,6 +80,7 @@ class MultiSimilarityLoss(DMLLoss):
     """
 
     metric_name = "ms_loss"
+    loss_fn = staticmethod(multi_similarity_loss)
 
     def __init__(
         self,
@@ -91,18 +92,10 @@ class MultiSimilarityLoss(DMLLoss):
         epsilon: float | None = 0.1,
         **kwargs,
     ):
-        super().__init__(num_classes=num_classes, embedding_dim=embedding_dim, **kwargs)
-        self.alpha = float(alpha)
-        self.beta = float(beta)
-        self.base = float(base)
-        self.epsilon = None if epsilon is None else float(epsilon)
-
-    def compute(self, embeddings, labels):
-        return multi_similarity_loss(
-            embeddings, labels, alpha=self.alpha, beta=self.beta, base=self.base, epsilon=self.epsilon
-        )
-
-    def get_config(self) -> dict:
-        config = super().get_config()
-        config.update({"alpha": self.alpha, "beta": self.beta, "base": self.base, "epsilon": self.epsilon})
-        return config
+        hyper = {
+            "alpha": float(alpha),
+            "beta": float(beta),
+            "base": float(base),
+            "epsilon": None if epsilon is None else float(epsilon),
+        }
+        super().__init__(num_classes=num_classes, embedding_dim=embedding_dim, hyper=hyper, **kwargs)

@@ -73,15 +73,7 @@ class NPairLoss(DMLLoss):
     """
 
     metric_name = "npair_loss"
+    loss_fn = staticmethod(npair_loss)
 
     def __init__(self, num_classes: int | None = None, embedding_dim: int | None = None, scale: float = 1.0, **kwargs):
-        super().__init__(num_classes=num_classes, embedding_dim=embedding_dim, **kwargs)
-        self.scale = float(scale)
-
-    def compute(self, embeddings, labels):
-        return npair_loss(embeddings, labels, scale=self.scale)
-
-    def get_config(self) -> dict:
-        config = super().get_config()
-        config.update({"scale": self.scale})
-        return config
+        super().__init__(num_classes=num_classes, embedding_dim=embedding_dim, hyper={"scale": float(scale)}, **kwargs)

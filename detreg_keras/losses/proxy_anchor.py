@@ -18,7 +18,7 @@ import math
 import keras
 import tensorflow as tf
 
-from detreg_keras.losses.base import DMLLoss
+from detreg_keras.losses.base import ProxyLoss
 
 
 def _masked_log1p_sum_exp(logits: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
@@ -73,7 +73,7 @@ def proxy_anchor_loss(
 
 
 @keras.saving.register_keras_serializable(package="detreg_keras")
-class ProxyAnchorLoss(DMLLoss):
+class ProxyAnchorLoss(ProxyLoss):
     """Keras wrapper of :func:`proxy_anchor_loss` that owns one proxy per class.
 
     Proxies are initialised as in the official code,
@@ -89,30 +89,11 @@ class ProxyAnchorLoss(DMLLoss):
     """
 
     metric_name = "pa_loss"
-    has_proxies = True
+    loss_fn = staticmethod(proxy_anchor_loss)
 
     def __init__(self, num_classes: int, embedding_dim: int, margin: float = 0.1, alpha: float = 32.0, **kwargs):
-        if num_classes is None or int(num_classes) < 1:
-            raise ValueError(f"ProxyAnchorLoss needs num_classes >= 1, got {num_classes!r}.")
-        if embedding_dim is None or int(embedding_dim) < 1:
-            raise ValueError(f"ProxyAnchorLoss needs embedding_dim >= 1, got {embedding_dim!r}.")
-        super().__init__(num_classes=num_classes, embedding_dim=embedding_dim, **kwargs)
-        self.margin = float(margin)
-        self.alpha = float(alpha)
+        hyper = {"margin": float(margin), "alpha": float(alpha)}
+        super().__init__(num_classes=num_classes, embedding_dim=embedding_dim, hyper=hyper, **kwargs)
 
-    def build(self, input_shape=None):
-        self.proxies = self.add_weight(
-            name="proxies",
-            shape=(self.num_classes, self.embedding_dim),
-            initializer=keras.initializers.RandomNormal(stddev=math.sqrt(2.0 / self.num_classes)),
-            trainable=True,
-        )
-        self.built = True
-
-    def compute(self, embeddings, labels):
-        return proxy_anchor_loss(embeddings, labels, self.proxies, margin=self.margin, alpha=self.alpha)
-
-    def get_config(self) -> dict:
-        config = super().get_config()
-        config.update({"margin": self.margin, "alpha": self.alpha})
-        return config
+    def proxy_initializer(self) -> keras.initializers.Initializer:
+        return keras.initializers.RandomNormal(stddev=math.sqrt(2.0 / self.num_classes))

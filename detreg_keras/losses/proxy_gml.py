@@ -42,7 +42,7 @@ import keras
 import tensorflow as tf
 
 from detreg_keras.losses import _pairs
-from detreg_keras.losses.base import DMLLoss
+from detreg_keras.losses.base import ProxyLoss
 
 
 def subgraph_size(num_classes: int, proxies_per_class: int, r: float) -> int:
@@ -108,7 +108,7 @@ def proxy_gml_loss(
 
 
 @keras.saving.register_keras_serializable(package="detreg_keras")
-class ProxyGMLLoss(DMLLoss):
+class ProxyGMLLoss(ProxyLoss):
     """Keras wrapper of :func:`proxy_gml_loss` (registry name ``"proxy_gml"``).
 
     Owns a ``[C N, D]`` weight named ``proxies``, initialised like the official
@@ -124,7 +124,8 @@ class ProxyGMLLoss(DMLLoss):
     """
 
     metric_name = "proxy_gml_loss"
-    has_proxies = True
+    loss_fn = staticmethod(proxy_gml_loss)
+    proxy_init = "uniform"
 
     def __init__(
         self,
@@ -135,41 +136,12 @@ class ProxyGMLLoss(DMLLoss):
         weight_lambda: float = 0.3,
         **kwargs,
     ):
-        if num_classes is None or int(num_classes) < 1:
-            raise ValueError(f"ProxyGMLLoss needs num_classes >= 1, got {num_classes!r}.")
-        if embedding_dim is None or int(embedding_dim) < 1:
-            raise ValueError(f"ProxyGMLLoss needs embedding_dim >= 1, got {embedding_dim!r}.")
         if proxies_per_class is None or int(proxies_per_class) < 1:
             raise ValueError(f"ProxyGMLLoss needs proxies_per_class >= 1, got {proxies_per_class!r}.")
         if not 0.0 < float(r) <= 1.0:
             raise ValueError(f"ProxyGMLLoss needs 0 < r <= 1 (share of proxies per sub-graph), got {r!r}.")
-        super().__init__(num_classes=num_classes, embedding_dim=embedding_dim, **kwargs)
-        self.proxies_per_class = int(proxies_per_class)
-        self.r = float(r)
-        self.weight_lambda = float(weight_lambda)
+        hyper = {"proxies_per_class": int(proxies_per_class), "r": float(r), "weight_lambda": float(weight_lambda)}
+        super().__init__(num_classes=num_classes, embedding_dim=embedding_dim, hyper=hyper, **kwargs)
 
-    def build(self, input_shape=None):
-        total = self.num_classes * self.proxies_per_class
-        bound = 1.0 / math.sqrt(total)
-        self.proxies = self.add_weight(
-            name="proxies",
-            shape=(total, self.embedding_dim),
-            initializer=keras.initializers.RandomUniform(-bound, bound),
-            trainable=True,
-        )
-        self.built = True
-
-    def compute(self, embeddings, labels):
-        return proxy_gml_loss(
-            embeddings,
-            labels,
-            self.proxies,
-            proxies_per_class=self.proxies_per_class,
-            r=self.r,
-            weight_lambda=self.weight_lambda,
-        )
-
-    def get_config(self) -> dict:
-        config = super().get_config()
-        config.update({"proxies_per_class": self.proxies_per_class, "r": self.r, "weight_lambda": self.weight_lambda})
-        return config
+    def num_proxies(self) -> int:
+        return self.num_classes * self.proxies_per_class

@@ -25,7 +25,7 @@ import keras
 import tensorflow as tf
 
 from detreg_keras.losses import _pairs
-from detreg_keras.losses.base import DMLLoss
+from detreg_keras.losses.base import ProxyLoss
 
 
 def _proxy_squared_distances(embeddings: tf.Tensor, proxies: tf.Tensor) -> tf.Tensor:
@@ -74,32 +74,8 @@ def proxy_nca_pp_loss(
     return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
 
 
-class _ProxyLoss(DMLLoss):
-    """Shared plumbing of the one-proxy-per-class losses: a ``[C, D]`` weight named ``proxies``."""
-
-    has_proxies = True
-    _proxy_stddev: float = 1.0
-
-    def __init__(self, num_classes: int, embedding_dim: int, **kwargs):
-        name = type(self).__name__
-        if num_classes is None or int(num_classes) < 1:
-            raise ValueError(f"{name} needs num_classes >= 1, got {num_classes!r}.")
-        if embedding_dim is None or int(embedding_dim) < 1:
-            raise ValueError(f"{name} needs embedding_dim >= 1, got {embedding_dim!r}.")
-        super().__init__(num_classes=num_classes, embedding_dim=embedding_dim, **kwargs)
-
-    def build(self, input_shape=None):
-        self.proxies = self.add_weight(
-            name="proxies",
-            shape=(self.num_classes, self.embedding_dim),
-            initializer=keras.initializers.RandomNormal(stddev=self._proxy_stddev),
-            trainable=True,
-        )
-        self.built = True
-
-
 @keras.saving.register_keras_serializable(package="detreg_keras")
-class ProxyNCALoss(_ProxyLoss):
+class ProxyNCALoss(ProxyLoss):
     """Keras wrapper of :func:`proxy_nca_loss` (registry name ``"proxy_nca"``).
 
     Proxies are initialised ``N(0, 1)`` (PML's ``torch.randn``).
@@ -112,22 +88,14 @@ class ProxyNCALoss(_ProxyLoss):
     """
 
     metric_name = "proxy_nca_loss"
+    loss_fn = staticmethod(proxy_nca_loss)
 
     def __init__(self, num_classes: int, embedding_dim: int, scale: float = 1.0, **kwargs):
-        super().__init__(num_classes=num_classes, embedding_dim=embedding_dim, **kwargs)
-        self.scale = float(scale)
-
-    def compute(self, embeddings, labels):
-        return proxy_nca_loss(embeddings, labels, self.proxies, scale=self.scale)
-
-    def get_config(self) -> dict:
-        config = super().get_config()
-        config.update({"scale": self.scale})
-        return config
+        super().__init__(num_classes=num_classes, embedding_dim=embedding_dim, hyper={"scale": float(scale)}, **kwargs)
 
 
 @keras.saving.register_keras_serializable(package="detreg_keras")
-class ProxyNCAPlusPlusLoss(_ProxyLoss):
+class ProxyNCAPlusPlusLoss(ProxyLoss):
     """Keras wrapper of :func:`proxy_nca_pp_loss` (registry name ``"proxy_nca_pp"``).
 
     Proxies are initialised ``N(0, 1/64)`` (official code: ``randn / 8``).
@@ -140,16 +108,9 @@ class ProxyNCAPlusPlusLoss(_ProxyLoss):
     """
 
     metric_name = "proxy_nca_pp_loss"
-    _proxy_stddev = 1.0 / 8.0
+    loss_fn = staticmethod(proxy_nca_pp_loss)
+    proxy_stddev = 1.0 / 8.0
 
     def __init__(self, num_classes: int, embedding_dim: int, temperature: float = 1.0 / 9.0, **kwargs):
-        super().__init__(num_classes=num_classes, embedding_dim=embedding_dim, **kwargs)
-        self.temperature = float(temperature)
-
-    def compute(self, embeddings, labels):
-        return proxy_nca_pp_loss(embeddings, labels, self.proxies, temperature=self.temperature)
-
-    def get_config(self) -> dict:
-        config = super().get_config()
-        config.update({"temperature": self.temperature})
-        return config
+        hyper = {"temperature": float(temperature)}
+        super().__init__(num_classes=num_classes, embedding_dim=embedding_dim, hyper=hyper, **kwargs)

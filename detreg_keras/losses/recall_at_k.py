@@ -212,6 +212,7 @@ class RecallAtKLoss(DMLLoss):
     """
 
     metric_name = "rsk_loss"
+    loss_fn = staticmethod(recall_at_k_loss)
 
     def __init__(
         self,
@@ -229,38 +230,16 @@ class RecallAtKLoss(DMLLoss):
             raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size!r}.")
         if len(k_values) == 0:
             raise ValueError("k_values must not be empty.")
-        super().__init__(num_classes=num_classes, embedding_dim=embedding_dim, **kwargs)
-        self.k_values = tuple(int(k) for k in k_values)
-        self.tau1 = float(tau1)
-        self.tau2 = float(tau2)
-        self.simix = bool(simix)
-        self.chunk_size = None if chunk_size is None else int(chunk_size)
-        self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed) if self.simix else None
+        hyper = {
+            "k_values": tuple(int(k) for k in k_values),
+            "tau1": float(tau1),
+            "tau2": float(tau2),
+            "simix": bool(simix),
+            "chunk_size": None if chunk_size is None else int(chunk_size),
+            "seed": seed,
+        }
+        super().__init__(num_classes=num_classes, embedding_dim=embedding_dim, hyper=hyper, **kwargs)
 
-    def compute(self, embeddings, labels):
-        seed = self.seed_generator.next() if self.seed_generator is not None else None
-        return recall_at_k_loss(
-            embeddings,
-            labels,
-            k_values=self.k_values,
-            tau1=self.tau1,
-            tau2=self.tau2,
-            simix=self.simix,
-            chunk_size=self.chunk_size,
-            seed=seed,
-        )
-
-    def get_config(self) -> dict:
-        config = super().get_config()
-        config.update(
-            {
-                "k_values": list(self.k_values),
-                "tau1": self.tau1,
-                "tau2": self.tau2,
-                "simix": self.simix,
-                "chunk_size": self.chunk_size,
-                "seed": self.seed,
-            }
-        )
-        return config
+    def uses_seed_generator(self) -> bool:
+        """Only SiMix draws random numbers."""
+        return self.simix

@@ -149,6 +149,7 @@ class RhoTripletLoss(DMLLoss):
     """
 
     metric_name = "rho_triplet_loss"
+    loss_fn = staticmethod(rho_triplet_loss)
 
     def __init__(
         self,
@@ -165,34 +166,5 @@ class RhoTripletLoss(DMLLoss):
             raise ValueError(f"mining must be one of {MINING_STRATEGIES}, got {mining!r}.")
         if not 0.0 <= float(rho) <= 1.0:
             raise ValueError(f"rho must lie in [0, 1], got {rho!r}.")
-        super().__init__(num_classes=num_classes, embedding_dim=embedding_dim, **kwargs)
-        self.rho = float(rho)
-        self.margin = float(margin)
-        self.mining = str(mining)
-        self.squared = bool(squared)
-        self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
-
-    def compute(self, embeddings, labels):
-        return rho_triplet_loss(
-            embeddings,
-            labels,
-            rho=self.rho,
-            margin=self.margin,
-            mining=self.mining,
-            squared=self.squared,
-            seed=self.seed_generator.next(),
-        )
-
-    def get_config(self) -> dict:
-        config = super().get_config()
-        config.update(
-            {
-                "rho": self.rho,
-                "margin": self.margin,
-                "mining": self.mining,
-                "squared": self.squared,
-                "seed": self.seed,
-            }
-        )
-        return config
+        hyper = {"rho": float(rho), "margin": float(margin), "mining": str(mining), "squared": bool(squared), "seed": seed}
+        super().__init__(num_classes=num_classes, embedding_dim=embedding_dim, hyper=hyper, **kwargs)

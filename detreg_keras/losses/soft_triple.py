@@ -19,13 +19,12 @@ two centers coincide.
 
 from __future__ import annotations
 
-import math
 
 import keras
 import tensorflow as tf
 
 from detreg_keras.losses import _pairs
-from detreg_keras.losses.base import DMLLoss
+from detreg_keras.losses.base import ProxyLoss
 
 
 def soft_triple_loss(
@@ -76,7 +75,7 @@ def soft_triple_loss(
 
 
 @keras.saving.register_keras_serializable(package="detreg_keras")
-class SoftTripleLoss(DMLLoss):
+class SoftTripleLoss(ProxyLoss):
     """Keras wrapper of :func:`soft_triple_loss` (registry name ``"soft_triple"``).
 
     Owns a ``[C * K, D]`` weight named ``proxies`` (the centers), initialised as
@@ -95,7 +94,8 @@ class SoftTripleLoss(DMLLoss):
     """
 
     metric_name = "soft_triple_loss"
-    has_proxies = True
+    loss_fn = staticmethod(soft_triple_loss)
+    proxy_init = "uniform"
 
     def __init__(
         self,
@@ -108,50 +108,16 @@ class SoftTripleLoss(DMLLoss):
         margin: float = 0.01,
         **kwargs,
     ):
-        if num_classes is None or int(num_classes) < 1:
-            raise ValueError(f"SoftTripleLoss needs num_classes >= 1, got {num_classes!r}.")
-        if embedding_dim is None or int(embedding_dim) < 1:
-            raise ValueError(f"SoftTripleLoss needs embedding_dim >= 1, got {embedding_dim!r}.")
         if int(num_centers) < 1:
             raise ValueError(f"SoftTripleLoss needs num_centers >= 1, got {num_centers!r}.")
-        super().__init__(num_classes=num_classes, embedding_dim=embedding_dim, **kwargs)
-        self.num_centers = int(num_centers)
-        self.la = float(la)
-        self.gamma = float(gamma)
-        self.tau = float(tau)
-        self.margin = float(margin)
+        hyper = {
+            "num_centers": int(num_centers),
+            "la": float(la),
+            "gamma": float(gamma),
+            "tau": float(tau),
+            "margin": float(margin),
+        }
+        super().__init__(num_classes=num_classes, embedding_dim=embedding_dim, hyper=hyper, **kwargs)
 
-    def build(self, input_shape=None):
-        bound = 1.0 / math.sqrt(self.num_classes * self.num_centers)
-        self.proxies = self.add_weight(
-            name="proxies",
-            shape=(self.num_classes * self.num_centers, self.embedding_dim),
-            initializer=keras.initializers.RandomUniform(-bound, bound),
-            trainable=True,
-        )
-        self.built = True
-
-    def compute(self, embeddings, labels):
-        return soft_triple_loss(
-            embeddings,
-            labels,
-            self.proxies,
-            num_centers=self.num_centers,
-            la=self.la,
-            gamma=self.gamma,
-            tau=self.tau,
-            margin=self.margin,
-        )
-
-    def get_config(self) -> dict:
-        config = super().get_config()
-        config.update(
-            {
-                "num_centers": self.num_centers,
-                "la": self.la,
-                "gamma": self.gamma,
-                "tau": self.tau,
-                "margin": self.margin,
-            }
-        )
-        return config
+    def num_proxies(self) -> int:
+        return self.num_classes * self.num_centers

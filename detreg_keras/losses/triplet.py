@@ -150,6 +150,7 @@ class TripletMarginLoss(DMLLoss):
     """
 
     metric_name = "triplet_loss"
+    loss_fn = staticmethod(triplet_margin_loss)
 
     def __init__(
         self,
@@ -162,15 +163,5 @@ class TripletMarginLoss(DMLLoss):
     ):
         if mining not in MINING_STRATEGIES:
             raise ValueError(f"mining must be one of {MINING_STRATEGIES}, got {mining!r}.")
-        super().__init__(num_classes=num_classes, embedding_dim=embedding_dim, **kwargs)
-        self.margin = float(margin)
-        self.mining = str(mining)
-        self.squared = bool(squared)
-
-    def compute(self, embeddings, labels):
-        return triplet_margin_loss(embeddings, labels, margin=self.margin, mining=self.mining, squared=self.squared)
-
-    def get_config(self) -> dict:
-        config = super().get_config()
-        config.update({"margin": self.margin, "mining": self.mining, "squared": self.squared})
-        return config
+        hyper = {"margin": float(margin), "mining": str(mining), "squared": bool(squared)}
+        super().__init__(num_classes=num_classes, embedding_dim=embedding_dim, hyper=hyper, **kwargs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 
 import keras
 import numpy as np
@@ -149,3 +150,105 @@ def test_degenerate_batches_have_finite_value_and_gradients(name, batch):
     if batch == "one_class" and name not in PROXY_LOSSES | {"contrastive", "npair", "recall_at_k"}:
         assert float(loss) == 0.0  # no negative pair (contrastive keeps its positive term,
         # N-pair and RS@k their single-class value)
+
+
+# --------------------------------------------------------------------------- #
+# The contract every registered loss class keeps (keras ``run_layer_test`` style)
+# --------------------------------------------------------------------------- #
+#: Keys keras.layers.Layer itself puts into a config.
+LAYER_KEYS = set(keras.layers.Layer(dtype="float32").get_config())
+
+
+def _constructor_params(cls) -> set[str]:
+    return {
+        p
+        for p, spec in inspect.signature(cls.__init__).parameters.items()
+        if p != "self" and spec.kind not in (spec.VAR_KEYWORD, spec.VAR_POSITIONAL)
+    }
+
+
+@pytest.mark.parametrize("name", sorted(losses.LOSSES))
+def test_config_is_exactly_the_constructor_arguments(name):
+    overrides = NON_DEFAULT.get(name, {})
+    layer = losses.get(name, num_classes=NUM_CLASSES, embedding_dim=6, **overrides)
+    config = layer.get_config()
+    assert set(config) - LAYER_KEYS == _constructor_params(type(layer))
+    for key, value in overrides.items():  # the values given, not the defaults
+        assert config[key] == (list(value) if isinstance(value, tuple) else value), key
+    assert json.loads(json.dumps(config)) == config  # plain JSON: what model.keras stores
+    assert type(layer).from_config(config).get_config() == config
+
+
+@pytest.mark.parametrize("name", sorted(losses.LOSSES))
+def test_bad_batches_raise_errors_naming_the_loss(name):
+    layer = losses.get(name, num_classes=NUM_CLASSES, embedding_dim=6)
+    owner = type(layer).__name__
+    x, y = BATCHES["mixed"]
+    with pytest.raises(ValueError, match=rf"{owner} got 10 embeddings but 9 labels"):
+        layer(x, y[:9])
+    with pytest.raises(ValueError, match=rf"{owner} needs embeddings of shape \[batch, dim\]"):
+        layer(x[None], y)
+
+
+@pytest.mark.parametrize("name", sorted(PROXY_LOSSES))
+@pytest.mark.parametrize("bad", [{"num_classes": None}, {"num_classes": 0}, {"embedding_dim": None}])
+def test_proxy_losses_need_their_sizes(name, bad):
+    kwargs = {"num_classes": NUM_CLASSES, "embedding_dim": 6, **bad}
+    key, value = next(iter(bad.items()))
+    owner = losses.LOSSES[name].__name__
+    with pytest.raises(ValueError, match=rf"{owner} needs {key} >= 1, got {value!r}"):
+        losses.get(name, **kwargs)
+
+
+def test_the_wrapper_alone_gives_config_compute_and_serialisation():
+    """A new loss written on DMLLoss: a pure function, its hyper-parameters, nothing else."""
+
+    def scaled_norm_loss(embeddings, labels, scale=1.0, offset=(0.0,)):
+        return scale * tf.reduce_mean(tf.norm(embeddings, axis=1)) + offset[0] + 0.0 * tf.cast(labels[0], tf.float32)
+
+    class ScaledNorm(DMLLoss):
+        loss_fn = staticmethod(scaled_norm_loss)
+
+        def __init__(self, num_classes=None, embedding_dim=None, scale=1.0, offset=(0.0,), **kwargs):
+            super().__init__(num_classes, embedding_dim, hyper={"scale": float(scale), "offset": tuple(offset)}, **kwargs)
+
+    layer = ScaledNorm(scale=3.0, offset=(0.5,), name="sn")
+    x, y = BATCHES["mixed"]
+    expected = 3.0 * np.mean(np.linalg.norm(x.astype(np.float64), axis=1)) + 0.5
+    assert float(layer(x, y)) == pytest.approx(expected, rel=1e-6)
+    assert layer.scale == 3.0 and layer.offset == (0.5,)
+    config = layer.get_config()
+    assert {k: config[k] for k in ("num_classes", "embedding_dim", "scale", "offset", "name")} == {
+        "num_classes": None, "embedding_dim": None, "scale": 3.0, "offset": [0.5], "name": "sn"
+    }  # fmt: skip
+    assert float(ScaledNorm.from_config(config)(x, y)) == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(NotImplementedError, match="sets no loss_fn"):
+        DMLLoss()(x, y)
+
+
+#: Proxy initialisation of each official implementation, for C = 7 classes:
+#: (distribution, parameter, rows of the proxy matrix).
+PROXY_INIT = {
+    "proxy_anchor": ("RandomNormal", np.sqrt(2.0 / 7), 7),  # kaiming_normal_(mode="fan_out")
+    "proxy_nca": ("RandomNormal", 1.0, 7),  # PML: torch.randn
+    "proxy_nca_pp": ("RandomNormal", 1.0 / 8.0, 7),  # official: randn / 8
+    "normalized_softmax": ("RandomNormal", 1.0, 7),
+    "cosface": ("RandomNormal", 1.0, 7),
+    "arcface": ("RandomNormal", 1.0, 7),
+    "soft_triple": ("RandomUniform", 1.0 / np.sqrt(7 * 10), 70),  # kaiming_uniform_(a=sqrt(5)), K = 10
+    "proxy_gml": ("RandomUniform", 1.0 / np.sqrt(7 * 12), 84),  # N = 12 proxies per class
+}
+
+
+@pytest.mark.parametrize("name", sorted(PROXY_LOSSES))
+def test_proxies_are_initialised_as_the_official_code(name):
+    layer = losses.get(name, num_classes=NUM_CLASSES, embedding_dim=6)
+    kind, scale, rows = PROXY_INIT[name]
+    init = layer.proxy_initializer()
+    assert type(init).__name__ == kind
+    config = init.get_config()
+    assert (config["stddev"] if kind == "RandomNormal" else config["maxval"]) == pytest.approx(scale)
+    if kind == "RandomUniform":
+        assert config["minval"] == pytest.approx(-scale)
+    layer.build(None)
+    assert tuple(layer.proxies.shape) == (rows, 6)
