@@ -52,7 +52,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 SOP_ITEMS_PER_CLASS = 60_502 / 11_316
 
@@ -176,8 +176,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from detreg_keras import metrics as M  # noqa: PLC0415
-    from detreg_keras.cpu import cpu_info, describe  # noqa: PLC0415
+    from detreg_keras import metrics as M
+    from detreg_keras.cpu import cpu_info, describe
 
     t_start = time.perf_counter()
     load_start = os.getloadavg()
@@ -241,7 +241,7 @@ def main(argv=None) -> int:
 
     # 4. faiss kNN path, k = max(ks).
     if args.faiss:
-        import faiss  # noqa: PLC0415
+        import faiss
 
         depth = max(ks)
 
@@ -310,7 +310,7 @@ def main(argv=None) -> int:
         "total_s": time.perf_counter() - t_start,
     }
     try:
-        from threadpoolctl import threadpool_info  # noqa: PLC0415
+        from threadpoolctl import threadpool_info
 
         env["blas"] = [{k: i.get(k) for k in ("internal_api", "version", "num_threads", "architecture")}
                        for i in threadpool_info()]

@@ -27,7 +27,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 
 def clustered(n: int, dim: int, clusters: int, seed: int, noise: float) -> np.ndarray:
@@ -61,10 +61,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import faiss  # noqa: PLC0415
+    import faiss
 
-    from detreg_keras.cpu import cpu_info  # noqa: PLC0415
-    from detreg_keras.retrieval import EmbeddingIndex, recall_against_exact  # noqa: PLC0415
+    from detreg_keras.cpu import cpu_info
+    from detreg_keras.retrieval import EmbeddingIndex, recall_against_exact
 
     if args.threads:
         faiss.omp_set_num_threads(args.threads)

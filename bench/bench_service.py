@@ -244,7 +244,7 @@ def main(argv=None) -> int:
         cmd = [sys.executable, "-m", args.module, "--model", str(onnx_path), "--index", str(index_dir),
                "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *args.serve_args.split()]
         started = time.perf_counter()
-        server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # noqa: S603
+        server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             deadline = time.monotonic() + 120
             while True:

@@ -80,7 +80,7 @@ from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 TARGET_PER_CORE = 450.0
 CONTENDERS = (
@@ -117,7 +117,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def synthetic_jpeg(rng: np.random.Generator, width: int, height: int, quality: int = 90) -> bytes:
     """A natural-ish JPEG: smooth multi-octave noise, filled shapes, blur and sensor noise."""
-    from PIL import Image, ImageDraw, ImageFilter  # noqa: PLC0415
+    from PIL import Image, ImageDraw, ImageFilter
 
     img = np.zeros((height, width, 3), np.float32)
     for cells, amplitude in ((4, 90.0), (12, 45.0), (40, 20.0)):
@@ -179,9 +179,9 @@ def make_alt_decode_train_transform(antialias: str) -> Callable[..., Any]:
             otherwise (the same output up to rounding: antialiasing is a no-op when
             upscaling); ``"never"``: plain bilinear always (NOT equivalent).
     """
-    import tensorflow as tf  # noqa: PLC0415
+    import tensorflow as tf
 
-    from detreg_keras.data import pipeline as P  # noqa: PLC0415
+    from detreg_keras.data import pipeline as P
 
     def resize(crop: tf.Tensor, size: tuple[int, int]) -> tf.Tensor:
         if antialias == "never":
@@ -226,7 +226,7 @@ def make_alt_decode_train_transform(antialias: str) -> Callable[..., Any]:
 @contextlib.contextmanager
 def patched_transform(fn: Callable[..., Any] | None) -> Iterator[None]:
     """Temporarily replaces ``pipeline.decode_train_transform`` (traced when the map is built)."""
-    from detreg_keras.data import pipeline as P  # noqa: PLC0415
+    from detreg_keras.data import pipeline as P
 
     original = P.decode_train_transform
     if fn is not None:
@@ -239,9 +239,9 @@ def patched_transform(fn: Callable[..., Any] | None) -> Iterator[None]:
 
 def max_abs_diff(alt: Callable[..., Any], blobs: list[bytes], image_size: int) -> float:
     """Largest |alt - library| pixel difference over ``blobs`` (same per-image seeds)."""
-    import tensorflow as tf  # noqa: PLC0415
+    import tensorflow as tf
 
-    from detreg_keras.data import pipeline as P  # noqa: PLC0415
+    from detreg_keras.data import pipeline as P
 
     worst = 0.0
     for i, blob in enumerate(blobs):
@@ -262,10 +262,10 @@ def make_train_dataset_from_generator(records, batch_size: int, image_size: int 
     ``ignore_errors``, batch, prefetch) is the library's. Same sampler, same
     per-example seeds: the same batches as the library.
     """
-    import tensorflow as tf  # noqa: PLC0415
+    import tensorflow as tf
 
-    from detreg_keras.data import pipeline as P  # noqa: PLC0415
-    from detreg_keras.data.sampling import RandomSampler, iter_epochs  # noqa: PLC0415
+    from detreg_keras.data import pipeline as P
+    from detreg_keras.data.sampling import RandomSampler, iter_epochs
 
     stats = P.DecodeStats()
     in_memory = records.in_memory
@@ -317,7 +317,7 @@ def first_batches_diff(a, b, batches: int = 2) -> float:
 
 def thread_options(mode: str):
     """``tf.data.Options`` of a ``--threads`` mode."""
-    import tensorflow as tf  # noqa: PLC0415
+    import tensorflow as tf
 
     options = tf.data.Options()
     if mode == "1":
@@ -334,11 +334,11 @@ def build_pipeline(name: str, records, blobs: list[bytes], args: argparse.Namesp
     passes for a folder dataset with the ``cub200`` preset (random batches, crop scale
     (0.08, 1), flips), with ``repeat=True``.
     """
-    import tensorflow as tf  # noqa: PLC0415
+    import tensorflow as tf
 
-    from detreg_keras.data import make_train_dataset  # noqa: PLC0415
-    from detreg_keras.data.pipeline import DEFAULT_RATIO, decode_train_transform  # noqa: PLC0415
-    from detreg_keras.training import resolve_config  # noqa: PLC0415
+    from detreg_keras.data import make_train_dataset
+    from detreg_keras.data.pipeline import DEFAULT_RATIO, decode_train_transform
+    from detreg_keras.training import resolve_config
 
     cfg = resolve_config("cub200", dataset="folder", image_size=args.image_size, batch_size=args.batch_size,
                          seed=args.seed)
@@ -434,7 +434,7 @@ class ProcessSamplers:
     """
 
     def __init__(self, keys, records, blobs, root: Path, args: argparse.Namespace) -> None:
-        import subprocess  # noqa: PLC0415
+        import subprocess
 
         self.args = args
         self.workers = {}
@@ -474,9 +474,9 @@ class ProcessSamplers:
 def worker_main(args: argparse.Namespace) -> int:
     """``--worker MODE:NAME``: build one pipeline, then time one sample per ``sample`` line on stdin."""
     logging.getLogger("detreg_keras.data.pipeline").setLevel(logging.ERROR)
-    import gc  # noqa: PLC0415
+    import gc
 
-    from detreg_keras.data import load_image_folder  # noqa: PLC0415
+    from detreg_keras.data import load_image_folder
 
     mode, name = args.worker.split(":", 1)
     records = load_image_folder(Path(args.image_dir))
@@ -505,10 +505,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     t_start = time.perf_counter()
     load_start = os.getloadavg()
 
-    import tensorflow as tf  # noqa: PLC0415
+    import tensorflow as tf
 
-    from detreg_keras.cpu import cpu_info  # noqa: PLC0415
-    from detreg_keras.data import load_image_folder  # noqa: PLC0415
+    from detreg_keras.cpu import cpu_info
+    from detreg_keras.data import load_image_folder
 
     # Every timed sample abandons its iterator with images in flight, which a later epoch start of the
     # same (repeat=True) pipeline may count as dropped: silence those warnings; the JPEGs are all valid.

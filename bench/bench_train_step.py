@@ -81,7 +81,7 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 #: Per-setting defaults; ``preset`` / ``overrides`` feed :func:`detreg_keras.training.resolve_config`.
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -188,9 +188,9 @@ def build_compiled_model(setting: dict[str, Any], flow: str, seed: int, total_st
     Returns:
         ``(model, cfg)``: the compiled model (optimizer built) and its ``TrainConfig``.
     """
-    import keras  # noqa: PLC0415
+    import keras
 
-    from detreg_keras.training import build_model, make_run_optimizer, resolve_config  # noqa: PLC0415
+    from detreg_keras.training import build_model, make_run_optimizer, resolve_config
 
     cfg = resolve_config(
         setting["preset"], **setting["overrides"], flow=flow, batch_size=setting["batch_size"], warmup_epochs=0,
@@ -215,7 +215,7 @@ def fixed_batch(batch: int, size: int, channels: int, seed: int) -> tuple[np.nda
 
 def make_step_runner(model, images: np.ndarray, labels: np.ndarray) -> Callable[[int], float]:
     """``run(n)`` runs ``n`` real train steps (``model.train_function``) and returns the last loss."""
-    import tensorflow as tf  # noqa: PLC0415
+    import tensorflow as tf
 
     model.make_train_function()
     iterator = iter(tf.data.Dataset.from_tensors((images, labels)).repeat())
@@ -239,7 +239,7 @@ def count_flops(graph) -> dict[str, float]:
     Returns:
         ``{"total": flops, op_type: flops, ...}`` (op types with 0 FLOPs omitted).
     """
-    import tensorflow as tf  # noqa: PLC0415
+    import tensorflow as tf
 
     profiler = tf.compat.v1.profiler
     opts = profiler.ProfileOptionBuilder(profiler.ProfileOptionBuilder.float_operation()).with_empty_output().build()
@@ -262,7 +262,7 @@ def count_flops(graph) -> dict[str, float]:
 
 def train_step_flops(model, batch: int, size: int, channels: int) -> dict[str, Any]:
     """FLOPs of one ``train_step`` and of the forward ``embed_features`` at a static batch shape."""
-    import tensorflow as tf  # noqa: PLC0415
+    import tensorflow as tf
 
     x_spec = tf.TensorSpec([batch, size, size, channels], tf.float32)
     y_spec = tf.TensorSpec([batch], tf.int64)
@@ -283,7 +283,7 @@ def train_step_flops(model, batch: int, size: int, channels: int) -> dict[str, A
 
 def make_matmul_probes(n: int) -> dict[str, Callable[[], None]]:
     """fp32 ``n x n`` matmul probes: TensorFlow (``tf.function``) and numpy."""
-    import tensorflow as tf  # noqa: PLC0415
+    import tensorflow as tf
 
     rng = np.random.default_rng(0)
     a_np = rng.standard_normal((n, n), dtype=np.float32)
@@ -475,10 +475,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     t_start = time.perf_counter()
     load_start = os.getloadavg()
 
-    import detreg_keras  # noqa: I001, PLC0415  (first: it turns on oneDNN unless TF_ENABLE_ONEDNN_OPTS is set)
-    import keras  # noqa: PLC0415
-    import tensorflow as tf  # noqa: PLC0415
-    from detreg_keras.cpu import cpu_info, describe  # noqa: PLC0415
+    import detreg_keras  # noqa: I001  (first: it turns on oneDNN unless TF_ENABLE_ONEDNN_OPTS is set)
+    import keras
+    import tensorflow as tf
+    from detreg_keras.cpu import cpu_info, describe
 
     print(f"cpu: {describe()}; TensorFlow oneDNN: {detreg_keras._backend.onednn_enabled()}", flush=True)
     probes = make_matmul_probes(args.matmul_size) if args.matmul_size > 0 else {}

@@ -84,7 +84,7 @@ def import_tensorflow(default_level: int = 2) -> None:
     except OSError:  # no stderr file descriptor (e.g. a detached process): nothing to filter
         saved = None
     if saved is None:
-        import tensorflow  # noqa: F401, PLC0415
+        import tensorflow  # noqa: PLC0415
         return
     sys.stderr.flush()
     with tempfile.TemporaryFile() as captured:

@@ -27,9 +27,10 @@ import csv
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -108,7 +109,7 @@ class AblationConfig:
     cell_seeds: dict[str, Sequence[int]] = field(default_factory=dict)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "AblationConfig":
+    def from_file(cls, path: str | Path) -> AblationConfig:
         data = json.loads(Path(path).read_text())
         unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:

@@ -13,7 +13,7 @@ moving statistics and affine parameters fixed.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import keras
 import numpy as np

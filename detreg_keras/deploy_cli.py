@@ -23,8 +23,20 @@ batch, the model's image size) and returns ``embeddings``: L2-normalised
 embeddings of the minimising flow head. Provenance (model hash, image size,
 preprocessing, detreg version...) is written into the ONNX metadata.
 
+Opt-in int8 copy (the fp32 file is always written and never replaced):
+
+    detreg-export-onnx runs/my_run --output model.onnx --quantize int8 \
+        --calibration-dir data/train --eval-dir data/val --max-r1-drop 0.2
+
+writes model.int8.onnx (--quantized-output) only if its Recall@1 on --eval-dir
+(class sub-folders) is within --max-r1-drop points of the fp32 model's, and
+prints its embedding error, Recall@1 / MAP@R change and speed-up.
+--threshold T (or --threshold-from-index INDEX_DIR, a calibrated index) stores a
+verification threshold in the metadata (read back as Embedder.threshold).
+
 Exit status: 0 exported; 1 bad arguments / existing output / unreadable model;
-2 parity check failed (onnxruntime and Keras differ by more than --atol; no file written).
+2 parity check failed (onnxruntime and Keras differ by more than --atol; no file written);
+3 the int8 model lost more Recall@1 than --max-r1-drop (fp32 written, int8 not).
 """
 SAVED_MODEL_HELP = """Export a trained DReg model as a TF Serving SavedModel: BASE_DIR/NAME/VERSION/.
 
@@ -70,7 +82,77 @@ def _onnx_args(argv=None) -> argparse.Namespace:
     p.add_argument("--atol", type=float, default=1e-5, help="parity tolerance (max abs diff), default 1e-5")
     p.add_argument("--check-batch-sizes", type=int, nargs="+", default=[1, 7], help="parity check batch sizes")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime vs Keras parity check")
+    _quantize_args(p)
     return p.parse_args(argv)
+
+
+def _quantize_args(p: argparse.ArgumentParser) -> None:
+    """The opt-in int8 and threshold options of ``detreg-export-onnx``."""
+    p.add_argument("--quantize", choices=["int8"], default=None, help="also write an int8 copy (recall-guarded)")
+    p.add_argument("--calibration-dir", default=None, help="class-per-folder images setting the int8 scales")
+    p.add_argument("--eval-dir", default=None, help="held-out class-per-folder images for the recall guard")
+    p.add_argument("--max-r1-drop", type=float, default=0.2, help="largest Recall@1 drop in points (default 0.2)")
+    p.add_argument("--max-calibration-images", type=int, default=256, help="random subset size (default 256)")
+    p.add_argument("--quantized-output", default=None, help="int8 file (default: OUTPUT with .int8.onnx)")
+    p.add_argument("--threshold", type=float, default=None, help="verification threshold stored in the metadata")
+    p.add_argument("--threshold-from-index", default=None, help="store the threshold of this calibrated index")
+
+
+def _quantize_problem(args: argparse.Namespace) -> str | None:
+    """Why the quantize / threshold options cannot run (checked before TensorFlow loads), or ``None``."""
+    if args.threshold is not None and args.threshold_from_index is not None:
+        return "pass --threshold or --threshold-from-index, not both."
+    if args.quantize is None:
+        given = [f for f in ("calibration_dir", "eval_dir", "quantized_output") if getattr(args, f)]
+        return f"--{given[0].replace('_', '-')} needs --quantize int8." if given else None
+    if not args.calibration_dir:
+        return "--quantize int8 needs calibration images: pass --calibration-dir DIR (class sub-folders)."
+    if not args.eval_dir:
+        return "--quantize int8 needs held-out labelled images for the recall guard: pass --eval-dir DIR."
+    from detreg_keras.quantize import default_quantized_path  # noqa: PLC0415  (no TensorFlow)
+
+    target = Path(args.quantized_output) if args.quantized_output else default_quantized_path(args.output)
+    if target.exists():
+        return f"{target} already exists; a quantized model never overwrites a file."
+    return None
+
+
+def _threshold_metadata(args: argparse.Namespace) -> dict[str, str]:
+    """``extra_metadata`` with the verification threshold of ``--threshold`` / ``--threshold-from-index``."""
+    from detreg_keras.export import threshold_metadata  # noqa: PLC0415
+
+    if args.threshold is not None:
+        return threshold_metadata(args.threshold)
+    if args.threshold_from_index is None:
+        return {}
+    from detreg_runtime.index import EmbeddingIndex  # noqa: PLC0415
+
+    index = EmbeddingIndex.load(args.threshold_from_index)
+    if index.threshold is None:
+        raise ValueError(f"The index {args.threshold_from_index} has no threshold: calibrate it first.")
+    return threshold_metadata(index.threshold)
+
+
+def _quantize_main(args: argparse.Namespace, fp32_path: Path) -> int:
+    """Write the recall-guarded int8 copy of ``fp32_path``: exit 0, 1 bad input, 3 recall dropped too much."""
+    from detreg_keras import quantize  # noqa: PLC0415
+
+    try:
+        shape = quantize.onnx_image_shape(fp32_path)
+        calibration, _ = quantize.load_folder_images(args.calibration_dir, shape, args.max_calibration_images)
+        images, labels = quantize.load_folder_images(args.eval_dir, shape)
+        report = quantize.quantize_onnx(
+            fp32_path, args.quantized_output, calibration, images, labels, max_r1_drop=args.max_r1_drop
+        )
+    except quantize.QuantizationError as err:
+        print(f"error: int8 model refused: {err}", file=sys.stderr)
+        return 3
+    except (FileExistsError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {report.path} ({report.size_mb['int8']:.1f} MiB, {quantize.QUANTIZATION_NOTE})")
+    print("  " + report.summary().replace("\n", "\n  "))
+    return 0
 
 
 def export_onnx_main(argv=None) -> int:
@@ -80,11 +162,20 @@ def export_onnx_main(argv=None) -> int:
     if output.exists() and not args.overwrite:  # fail before loading TensorFlow
         print(f"error: {output} already exists; pass --overwrite to replace it.", file=sys.stderr)
         return 1
-    from detreg_keras.export import export_onnx, onnx_op_counts  # noqa: PLC0415
+    problem = _quantize_problem(args)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
+    from detreg_keras.export import THRESHOLD_METADATA_KEY, export_onnx, onnx_op_counts  # noqa: PLC0415
 
+    try:
+        extra = _threshold_metadata(args)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     result, status = _run_export(
         export_onnx, args.model, output, opset=args.opset, overwrite=args.overwrite, check=not args.no_check,
-        check_batch_sizes=args.check_batch_sizes, atol=args.atol,
+        check_batch_sizes=args.check_batch_sizes, atol=args.atol, extra_metadata=extra,
     )  # fmt: skip
     if result is None:
         return status
@@ -98,7 +189,9 @@ def export_onnx_main(argv=None) -> int:
     if result.max_abs_diff is not None:
         print(f"  parity onnxruntime vs Keras: max abs diff {result.max_abs_diff:.3g} (<= {args.atol:g})")
     print(f"  Transpose nodes: {ops.get('Transpose', 0)}, Conv nodes: {ops.get('Conv', 0)}")
-    return 0
+    if THRESHOLD_METADATA_KEY in meta:
+        print(f"  verification threshold {meta[THRESHOLD_METADATA_KEY]} (metadata; Embedder.threshold)")
+    return _quantize_main(args, result.path) if args.quantize else 0
 
 
 

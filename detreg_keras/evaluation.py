@@ -12,7 +12,7 @@ import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
@@ -29,11 +29,11 @@ __all__ = ["embed", "evaluate_model", "RetrievalEvaluation", "plot_recall_at_k",
 
 #: Data accepted by :func:`embed`: a ``tf.data.Dataset`` of ``(images, labels)``
 #: or an ``(images, labels)`` tuple of arrays.
-Data = Union[tf.data.Dataset, tuple[Any, Any]]
+Data = tf.data.Dataset | tuple[Any, Any]
 
 #: Metrics computed by the callback by default (NMI's k-means is left out
 #: because it is the slowest; add ``"nmi"`` to ``metrics`` to get it).
-DEFAULT_CALLBACK_METRICS = ("recall", "map_at_r", "r_precision", "precision_at_1")
+DEFAULT_CALLBACK_METRICS = ("recall", "map@r", "r_precision", "precision@1")
 
 
 def _to_numpy(x: Any) -> np.ndarray:

@@ -44,6 +44,7 @@ import numpy as np
 import tensorflow as tf
 
 from detreg_runtime._version import detreg_version
+from detreg_runtime.embedder import THRESHOLD_METADATA_KEY
 from detreg_runtime.imaging import GRAY_WEIGHTS
 
 #: Default ONNX opset (supported by onnxruntime >= 1.12 and TensorRT 8.x).
@@ -85,31 +86,20 @@ class ExportResult:
 
 # ----------------------------------------------------------------- helpers
 def load_model(model_or_path: keras.Model | str | os.PathLike) -> keras.Model:
-    """Return a Keras model from a model, a ``.keras`` file or a run directory holding ``model.keras``.
+    """``model_or_path`` itself if it is a Keras model, else :func:`detreg_keras.model.load_model` of it (uncompiled).
+
+    Args:
+        model_or_path: a model, a ``.keras`` file or a run directory holding ``model.keras``.
 
     Raises:
-        FileNotFoundError: the path (or ``RUN_DIR/model.keras``) does not exist.
-        ValueError: the file is not a complete ``.keras`` archive (truncated,
-            corrupt, no ``config.json``...; :func:`detreg_keras.model.load_model`).
-        TypeError: ``model_or_path`` is neither a model nor a path.
+        FileNotFoundError, ValueError, TypeError: as :func:`detreg_keras.model.load_model`
+            (missing file, damaged archive, neither a model nor a path).
     """
     if isinstance(model_or_path, keras.Model):
         return model_or_path
-    if not isinstance(model_or_path, (str, os.PathLike)):
-        raise TypeError(
-            f"Expected a keras.Model, a .keras file or a run directory, got {type(model_or_path).__name__}."
-        )
-    path = Path(model_or_path)
-    if path.is_dir():
-        candidate = path / "model.keras"
-        if not candidate.is_file():
-            raise FileNotFoundError(f"Run directory {path} has no model.keras.")
-        path = candidate
-    if not path.is_file():
-        raise FileNotFoundError(f"No such model file: {path}")
-    from detreg_keras.model import load_model as load_keras_file  # noqa: PLC0415  (registers the custom objects)
+    from detreg_keras.model import load_model as load_saved_model  # noqa: PLC0415  (registers the custom objects)
 
-    return load_keras_file(path, compile=False)
+    return load_saved_model(model_or_path, compile=False)
 
 
 def image_shape(model: keras.Model) -> tuple[int, int, int]:
@@ -380,6 +370,21 @@ def export_onnx(
     finally:
         tmp.unlink(missing_ok=True)
     return ExportResult(output_path, meta["model_hash"], max_diff, meta)
+
+
+def threshold_metadata(threshold) -> dict[str, str]:
+    """``extra_metadata`` for :func:`export_onnx` that stores a verification (match) threshold.
+
+    Args:
+        threshold: a cosine threshold in ``[-1, 1]``, e.g. ``EmbeddingIndex.threshold``
+            after :meth:`~detreg_runtime.index.EmbeddingIndex.calibrate`.
+
+    Raises:
+        ValueError: not a number in ``[-1, 1]``.
+    """
+    from detreg_runtime.verification import check_threshold  # noqa: PLC0415
+
+    return {THRESHOLD_METADATA_KEY: repr(check_threshold(threshold))}
 
 
 def read_onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -670,6 +675,7 @@ __all__ = [
     "OUTPUT_NAME",
     "PARITY_ATOL",
     "PIXELS_SIGNATURE",
+    "THRESHOLD_METADATA_KEY",
     "ExportResult",
     "ParityError",
     "check_onnx_parity",
@@ -690,4 +696,5 @@ __all__ = [
     "sample_images",
     "serving_archive",
     "session_predict",
+    "threshold_metadata",
 ]

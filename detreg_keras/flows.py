@@ -43,7 +43,7 @@ with a message naming its version (:func:`check_layout_version`).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import keras
 import numpy as np

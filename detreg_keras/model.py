@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import os
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import keras
 import tensorflow as tf
@@ -45,7 +46,13 @@ _PACKAGE = "detreg_keras"
 
 
 def l2_normalize(x: tf.Tensor) -> tf.Tensor:
-    """Row-wise L2 normalisation (stable at 0)."""
+    """Row-wise L2 normalisation of a tensor in the model's graph (stable at 0), keeping its dtype.
+
+    The embedding graph (training and the exported ONNX/SavedModel) needs a
+    tensor op; it keeps ``x``'s dtype so the head output follows the layer
+    policy. The losses use :func:`detreg_keras.losses._pairs.l2_normalize`
+    (cast to float32 first); numpy arrays: :func:`detreg_runtime.arrays.l2_normalize`.
+    """
     return tf.math.l2_normalize(x, axis=-1, epsilon=1e-12)
 
 
@@ -693,21 +700,29 @@ _LEGACY_HEAD_OPTIONS: dict[str, Any] = {"shift_bound": None, "head_input_norm": 
 def load_model(path: str | os.PathLike, safe_mode: bool = True, compile: bool = True) -> keras.Model:
     """Load a saved ``.keras`` model with a clear error for missing or damaged files.
 
-    Keras' ``safe_mode`` (no arbitrary code from ``lambda`` layers) stays on by
-    default; the custom layers of this package are registered, so they load
-    without it.
+    The one loader of saved models (:func:`detreg_keras.export.load_model`
+    calls it). Keras' ``safe_mode`` (no arbitrary code from ``lambda`` layers)
+    stays on by default; the custom layers of this package are registered, so
+    they load without it.
 
     Args:
-        path: the ``.keras`` file.
+        path: the ``.keras`` file, or a run directory holding ``model.keras``.
         safe_mode: passed to ``keras.models.load_model``.
         compile: re-compile with the saved optimizer (to resume training).
 
     Raises:
-        FileNotFoundError: no such file.
+        TypeError: ``path`` is not a ``str`` or ``os.PathLike``.
+        FileNotFoundError: no such file (or the run directory has no ``model.keras``).
         ValueError: the file is not a complete ``.keras`` archive (truncated,
             corrupt or another format).
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"Expected a .keras file or a run directory, got {type(path).__name__}.")
     path = Path(path)
+    if path.is_dir():
+        if not (path / "model.keras").is_file():
+            raise FileNotFoundError(f"Run directory {path} has no model.keras.")
+        path = path / "model.keras"
     if not path.is_file():
         raise FileNotFoundError(f"No saved model at {path}.")
     try:

@@ -3,7 +3,9 @@
 Everything a deployed model needs, on numpy, PIL/simplejpeg, onnxruntime and
 faiss only (no TensorFlow, Keras or TFP; importing it takes well under a
 second): the image decoder (:mod:`~detreg_runtime.imaging`), the ONNX embedder
-(:mod:`~detreg_runtime.embedder`), the faiss index (:mod:`~detreg_runtime.index`),
+(:mod:`~detreg_runtime.embedder`), the faiss index (:mod:`~detreg_runtime.index`)
+on the one faiss wrapper that evaluation uses too (:mod:`~detreg_runtime.search`,
+with the numpy checks and ``l2_normalize`` of :mod:`~detreg_runtime.arrays`),
 verification thresholds (:mod:`~detreg_runtime.verification`), the HTTP service
 (:mod:`~detreg_runtime.service`, ``detreg-serve`` / ``python -m detreg_runtime``)
 and the index command line (:mod:`~detreg_runtime.index_cli`, ``detreg-index``).

@@ -107,6 +107,27 @@ def _session_options(level: str, intra_op_num_threads: int | None, config: dict[
     return options
 
 
+#: ONNX metadata key of a stored verification threshold (written by ``detreg_keras.export.threshold_metadata``).
+THRESHOLD_METADATA_KEY = "verification_threshold"
+
+
+def _metadata_threshold(metadata: dict[str, str], path: Path) -> float | None:
+    """The verification threshold stored in the ONNX metadata, or ``None``.
+
+    Raises:
+        ValueError: the stored value is not a number in ``[-1, 1]``.
+    """
+    if THRESHOLD_METADATA_KEY not in metadata:
+        return None
+    from detreg_runtime.verification import check_threshold  # noqa: PLC0415
+
+    raw = metadata[THRESHOLD_METADATA_KEY]
+    try:
+        return check_threshold(float(raw))
+    except ValueError as err:
+        raise ValueError(f"{path}: metadata {THRESHOLD_METADATA_KEY}={raw!r} is not a cosine in [-1, 1].") from err
+
+
 class Embedder:
     """Batched onnxruntime embeddings of an ONNX file exported by :func:`detreg_keras.export.export_onnx`.
 
@@ -126,7 +147,8 @@ class Embedder:
     Attributes:
         image_size: ``(H, W)``; ``channels``; ``embedding_dim``; ``model_hash``
         (from the ONNX metadata, else ``"onnx-sha256:<file hash>"``); ``metadata``
-        (the ONNX ``metadata_props``); ``providers`` (those in use).
+        (the ONNX ``metadata_props``); ``providers`` (those in use); ``threshold``
+        (the verification threshold stored at export, ``--threshold``, else ``None``).
 
     Raises:
         FileNotFoundError: ``onnx_path`` does not exist.
@@ -178,7 +200,7 @@ class Embedder:
         self.optimized_model_path = cache_path
         try:
             self.session = ort.InferenceSession(str(model_file), options, providers=providers)
-        except Exception as err:  # noqa: BLE001  (a stale or corrupt cache file: rebuild it from the source model)
+        except Exception as err:
             if model_file == self.onnx_path:
                 raise _not_onnx_error(self.onnx_path, err) from err
             cache_path.unlink(missing_ok=True)
@@ -186,7 +208,7 @@ class Embedder:
             options.optimized_model_filepath = str(cache_tmp)
             try:
                 self.session = ort.InferenceSession(str(self.onnx_path), options, providers=providers)
-            except Exception as source_err:  # noqa: BLE001
+            except Exception as source_err:
                 raise _not_onnx_error(self.onnx_path, source_err) from source_err
         if cache_tmp is not None and cache_tmp.exists():
             os.replace(cache_tmp, cache_path)
@@ -221,6 +243,7 @@ class Embedder:
             self._file_hash = self._file_hash or file_sha256(self.onnx_path)
             self.model_hash = f"onnx-sha256:{self._file_hash}"
         self.providers = self.session.get_providers()
+        self.threshold = _metadata_threshold(self.metadata, self.onnx_path)
 
     def __repr__(self) -> str:
         return (
@@ -288,7 +311,7 @@ class Embedder:
             return self.validate_array(source)[0]
         if isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)):
             return load_image(source, self.image_size, self.channels)
-        raise ValueError(  # noqa: TRY004  (documented: invalid inputs raise ValueError)
+        raise ValueError(
             f"Cannot embed an object of type {type(source).__name__}: pass NHWC arrays, image paths or encoded bytes."
         )
 
@@ -301,7 +324,7 @@ class Embedder:
         if isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview)):
             images = [images]
         if not isinstance(images, Iterable):
-            raise ValueError(f"Cannot embed an object of type {type(images).__name__}.")  # noqa: TRY004
+            raise ValueError(f"Cannot embed an object of type {type(images).__name__}.")
         batch: list[np.ndarray] = []
         for source in images:
             batch.append(self.load(source))
@@ -335,6 +358,9 @@ class Embedder:
     def match(self, images, index: EmbeddingIndex, threshold: float | None = None) -> Matches:
         """Embed ``images`` and :meth:`EmbeddingIndex.match` them (label of the top-1 neighbour, or "unknown").
 
+        The threshold is ``threshold`` if given, else the index's, else the one
+        stored in the ONNX metadata (:attr:`threshold`).
+
         Raises:
             ValueError: invalid images, an index of another model, or no threshold (see ``EmbeddingIndex.match``).
         """
@@ -342,7 +368,9 @@ class Embedder:
             raise ValueError(
                 f"The index was built with model {index.model_hash!r}, this embedder is model {self.model_hash!r}."
             )
+        if threshold is None and index.threshold is None:
+            threshold = self.threshold
         return index.match(self.embed(images), threshold=threshold)
 
 
-__all__ = ["Embedder", "default_providers"]
+__all__ = ["THRESHOLD_METADATA_KEY", "Embedder", "default_providers"]

@@ -65,7 +65,7 @@ def read_image_bytes(source, name: str | None = None) -> bytes:
             raise ValueError(f"Cannot read image {name}: {err}") from err
     if hasattr(source, "read"):
         return bytes(source.read())
-    raise ValueError(f"Cannot read an image from an object of type {type(source).__name__}.")  # noqa: TRY004
+    raise ValueError(f"Cannot read an image from an object of type {type(source).__name__}.")
 
 
 def _source_name(source) -> str:

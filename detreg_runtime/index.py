@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 
 from detreg_runtime._version import detreg_version
+from detreg_runtime.search import INDEX_KINDS, build_faiss_index, check_index_kind, search_faiss_index
 
-INDEX_KINDS = ("flat", "ivf", "hnsw")
 INDEX_FORMAT = "detreg-embedding-index"
 INDEX_FORMAT_VERSION = 2  # 2: sha256 checksums of the files in the metadata
 INDEX_FILE = "index.faiss"
@@ -65,20 +65,6 @@ class Matches:
     matched: np.ndarray
     threshold: float
 
-
-
-_PARAM_ALIASES = {
-    "M": "m",
-    "efSearch": "ef_search",
-    "efsearch": "ef_search",
-    "efConstruction": "ef_construction",
-    "efconstruction": "ef_construction",
-}
-_KIND_PARAMS = {
-    "flat": set(),
-    "ivf": {"nlist", "nprobe", "train_size", "niter"},
-    "hnsw": {"m", "ef_search", "ef_construction"},
-}
 
 
 def _as_matrix(x, what: str, dim: int | None = None) -> np.ndarray:
@@ -225,20 +211,6 @@ class EmbeddingIndex:
         )
 
     # --------------------------------------------------------------- build
-    @staticmethod
-    def _normalise_params(kind: str, params: dict[str, Any]) -> dict[str, int]:
-        out = {}
-        for key, value in params.items():
-            if value is None:
-                continue
-            key = _PARAM_ALIASES.get(key, key)
-            if key not in _KIND_PARAMS[kind]:
-                raise ValueError(f"Unknown parameter {key!r} for kind={kind!r}; expected {sorted(_KIND_PARAMS[kind])}.")
-            if int(value) < 1:
-                raise ValueError(f"{key} must be >= 1, got {value}.")
-            out[key] = int(value)
-        return out
-
     def build(
         self,
         embeddings: np.ndarray,
@@ -254,56 +226,24 @@ class EmbeddingIndex:
             ids: one id per row, integers or strings (unique); default ``0..N-1``.
             labels: optional label per row, integers or strings (e.g. class names).
             kind: ``"flat"`` (exact, ``IndexFlatIP``), ``"ivf"`` (IVF-Flat) or ``"hnsw"``.
-            **params: for ``"ivf"``: ``nlist`` (default ``≈4·sqrt(N)``, at most
-                ``N // 39``), ``nprobe`` (default ``max(1, nlist // 16)``), ``train_size``
-                (k-means training sample, default ``min(N, 50·nlist)``, seeded) and
-                ``niter`` (k-means iterations, 10 as in faiss); for ``"hnsw"``: ``M``/``m`` (32),
-                ``ef_search``/``efSearch`` (128) and ``ef_construction``/``efConstruction`` (40).
+            **params: the kind's parameters (``nlist``, ``nprobe``, ``train_size``, ``niter``
+                for ``"ivf"``; ``M``/``m``, ``ef_search``, ``ef_construction`` for ``"hnsw"``)
+                and their defaults: :func:`~detreg_runtime.search.resolve_index_params`.
 
         Raises:
             ValueError: bad shapes, non-finite values, duplicate ids, unknown kind/params,
                 or fewer embeddings than IVF lists.
         """
-        import faiss  # noqa: PLC0415
-
-        kind = str(kind).lower()
-        if kind not in INDEX_KINDS:
-            raise ValueError(f"Unknown index kind {kind!r}; expected one of {INDEX_KINDS}.")
+        kind = check_index_kind(str(kind).lower())
         x = _as_matrix(embeddings, "Embeddings")
-        n, dim = x.shape
+        n = x.shape[0]
         if n == 0:
             raise ValueError("Cannot build an index from 0 embeddings.")
         ids_arr = np.arange(n, dtype=np.int64) if ids is None else _as_column(ids, n, "ids")
         if len(np.unique(ids_arr)) != n:
             raise ValueError("ids must be unique.")
         labels_arr = None if labels is None else _as_column(labels, n, "labels")
-        params = self._normalise_params(kind, params)
-
-        if kind == "flat":
-            index = faiss.IndexFlatIP(dim)
-        elif kind == "ivf":
-            nlist = params.setdefault("nlist", max(1, min(round(4 * np.sqrt(n)), n // 39)))
-            if nlist > n:
-                raise ValueError(f"kind='ivf' needs at least nlist={nlist} embeddings to train, got {n}.")
-            params.setdefault("nprobe", max(1, nlist // 16))
-            train_size = min(n, params.setdefault("train_size", min(n, 50 * nlist)))
-            if train_size < nlist:
-                raise ValueError(f"train_size={train_size} must be >= nlist={nlist}.")
-            quantizer = faiss.IndexFlatIP(dim)
-            index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-            index.cp.niter = params.setdefault("niter", 10)
-            index.cp.max_points_per_centroid = max(1, -(-train_size // nlist))
-            sample = x if train_size >= n else x[np.sort(np.random.default_rng(0).choice(n, train_size, replace=False))]
-            index.train(sample)
-            index.nprobe = params["nprobe"]
-        else:
-            params.setdefault("m", 32)
-            params.setdefault("ef_construction", 40)
-            params.setdefault("ef_search", 128)
-            index = faiss.IndexHNSWFlat(dim, params["m"], faiss.METRIC_INNER_PRODUCT)
-            index.hnsw.efConstruction = params["ef_construction"]
-            index.hnsw.efSearch = params["ef_search"]
-        index.add(x)
+        index, params = build_faiss_index(x, kind, **params)
         self.index, self.kind, self.params = index, kind, params
         self.ids, self.labels = ids_arr, labels_arr
         return self
@@ -356,22 +296,15 @@ class EmbeddingIndex:
         Raises:
             ValueError: empty index, bad query shape/dimension or ``k < 1``.
         """
-        import faiss  # noqa: PLC0415
-
         if self.index is None or self.count == 0:
             raise ValueError("The index is empty: build() or load() it first.")
         q = _as_matrix(queries, "Queries", self.dimension)
         if int(k) < 1:
             raise ValueError(f"k must be >= 1, got {k}.")
         k = min(int(k), self.count)
-        search_params = None
-        if self.kind == "ivf":
-            search_params = faiss.SearchParametersIVF(nprobe=int(nprobe or self.params["nprobe"]))
-        elif self.kind == "hnsw":
-            search_params = faiss.SearchParametersHNSW(efSearch=max(int(ef_search or self.params["ef_search"]), k))
-        elif nprobe is not None or ef_search is not None:
-            raise ValueError("nprobe applies to kind='ivf' and ef_search to kind='hnsw' only.")
-        scores, positions = self.index.search(q, k, params=search_params)
+        scores, positions = search_faiss_index(
+            self.index, q, k, kind=self.kind, params=self.params, nprobe=nprobe, ef_search=ef_search
+        )
         missing = positions < 0
         safe = np.where(missing, 0, positions)
         ids = self.ids[safe]
@@ -588,8 +521,10 @@ class EmbeddingIndex:
                 f"Index {directory} has dimension {dimension}, expected {expected_dimension} (embedding dimension)."
             )
         kind = meta.get("kind")
-        if kind not in INDEX_KINDS:
-            raise ValueError(f"{directory / METADATA_FILE}: unknown index kind {kind!r}.")
+        try:
+            check_index_kind(kind)
+        except ValueError as err:
+            raise ValueError(f"{directory / METADATA_FILE}: {err}") from err
         files = meta.get("files") or {}
         index_path = _index_member(directory, files.get("index", INDEX_FILE), "index")
         ids_path = _index_member(directory, files.get("ids", IDS_FILE), "ids")

@@ -343,7 +343,7 @@ def _decode_b64(item: Any, position: int) -> bytes:
             raise ValueError(f"images[{position}]: objects must be {{\"b64\": \"...\"}}, got keys {sorted(item)}.")
         item = item["b64"]
     if not isinstance(item, str):
-        raise ValueError(f"images[{position}] must be a base64 string, got {type(item).__name__}.")  # noqa: TRY004
+        raise ValueError(f"images[{position}] must be a base64 string, got {type(item).__name__}.")
     if item.startswith("data:"):
         header, _, item = item.partition(",")
         if not header.endswith(";base64"):
@@ -697,7 +697,7 @@ class ServerThread:
         self.thread.join(timeout)
         self.socket.close()
 
-    def __enter__(self) -> "ServerThread":  # noqa: PYI034
+    def __enter__(self) -> "ServerThread":
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from detreg_runtime.arrays import l2_normalize
+
 #: Label :meth:`detreg_runtime.index.EmbeddingIndex.match` returns for a query below the threshold.
 UNKNOWN = "unknown"
 _SCORE_CHUNK = 1 << 16  # pairs scored at once (bounded memory for sampled pairs)
@@ -125,10 +127,9 @@ def _unit_rows(embeddings: Any) -> np.ndarray:
     x = x.astype(np.float32)
     if not np.all(np.isfinite(x)):
         raise ValueError("embeddings contain NaN or infinite values.")
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    if np.any(norms == 0):
+    if not np.any(x, axis=1).all():
         raise ValueError("embeddings contain an all-zero row (no direction, no cosine similarity).")
-    return x / norms
+    return l2_normalize(x)
 
 
 def _triangle_pair(k: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:

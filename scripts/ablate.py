@@ -11,7 +11,7 @@ import sys
 # No TensorFlow C++ log line unless the user sets the level (see detreg_keras._tf_logging).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from detreg_keras.cli.ablate import main  # noqa: E402
+from detreg_keras.cli.ablate import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -23,7 +23,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 
 def _rows(embeddings: np.ndarray, labels: np.ndarray, seed: int, fmrs: list[float]) -> dict[str, float]:

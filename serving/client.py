@@ -73,7 +73,7 @@ def _request_json(url: str, timeout: float, payload: dict | None = None) -> dict
     headers = {} if payload is None else {"Content-Type": "application/json"}
     request = urllib.request.Request(url, data=data, headers=headers, method="GET" if payload is None else "POST")
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (user-given URL)
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.loads(response.read())
     except urllib.error.HTTPError as err:
         detail = err.read().decode(errors="replace")

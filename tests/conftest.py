@@ -9,8 +9,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # what `import detreg_keras` first gives users
 
-import keras  # noqa: E402
-import pytest  # noqa: E402
+import keras
+import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OMNIGLOT_DIR = REPO_ROOT.parent / "shared" / "data" / "omniglot"

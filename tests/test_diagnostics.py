@@ -101,13 +101,13 @@ def test_nonlinear_mlp_matches_batch_jacobian():
          keras.layers.Dense(5)]
     )
     x = np.random.default_rng(2).standard_normal((8, 6)).astype("float32")
-    fn = lambda x: mlp(x, training=False)  # noqa: E731
+    fn = lambda x: mlp(x, training=False)
     np.testing.assert_allclose(dg.spectral_norm_jvp(fn, x, num_iters=200).numpy(), _exact_sigma_max(fn, x), rtol=1e-3)
 
 
 def test_dreg_head_matches_batch_jacobian(small_model):
     z = small_model.embed_features(tf.constant(_images(10))).numpy()
-    head = lambda z: l2_normalize(small_model.flow_min(z, training=False))  # noqa: E731
+    head = lambda z: l2_normalize(small_model.flow_min(z, training=False))
     exact = _exact_sigma_max(head, z)
     sigma = dg.local_lipschitz_head(small_model, z, num_iters=80)
     assert sigma.shape == (10,)
@@ -183,7 +183,7 @@ def test_interpolation_points_images_follow_feature_pairs():
 
 def test_secant_ratio_bounded_by_local_constants_on_segment(small_model):
     z = small_model.embed_features(tf.constant(_images(6, seed=2))).numpy()
-    head = lambda z: l2_normalize(small_model.flow_min(z, training=False))  # noqa: E731
+    head = lambda z: l2_normalize(small_model.flow_min(z, training=False))
     a, b = z[:3], z[3:]
     ratio = dg.secant_ratio(head, a, b)
     assert ratio.shape == (3,) and np.all(ratio > 0)

@@ -5,14 +5,13 @@ from __future__ import annotations
 import glob
 import os
 
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
-from detreg_keras import evaluation as E  # noqa: I001  (sets the Keras backend)
+from detreg_keras import evaluation as E
 from detreg_keras import metrics as M
-
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 KS = (1, 2, 4)
 
@@ -238,7 +237,7 @@ def test_callback_keeps_constructor_args():
 # plot
 # --------------------------------------------------------------------------- #
 def test_plot_recall_at_k_writes_png(tmp_path):
-    import matplotlib.image  # noqa: PLC0415
+    import matplotlib.image
 
     curves = {
         "baseline": {"recall@1": 0.6, "recall@2": 0.72, "recall@4": 0.81, "recall@8": 0.88, "map@r": 0.2},

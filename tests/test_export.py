@@ -190,6 +190,32 @@ def test_cli_exports_run_dir_and_refuses_overwrite(exported, tmp_path, capsys):
     assert out.read_bytes() == before
 
 
+def test_one_load_model_for_files_run_dirs_and_models(exported, tmp_path):
+    """export.load_model passes a model through and loads files/run dirs with model.load_model's errors."""
+    from detreg_keras.model import load_model as load_saved_model
+
+    model, _, _ = exported["realnvp"]
+    assert export.load_model(model) is model
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    model.save(run_dir / "model.keras")
+    x = np.random.default_rng(0).uniform(0, 255, (2,) + export.image_shape(model)).astype(np.float32)
+    for loaded in (export.load_model(run_dir), load_saved_model(run_dir), export.load_model(run_dir / "model.keras")):
+        np.testing.assert_allclose(loaded(x, training=False).numpy(), model(x, training=False).numpy(), atol=1e-6)
+    assert export.load_model(run_dir).compiled is False  # inference only
+    (tmp_path / "empty").mkdir()
+    for load in (export.load_model, load_saved_model):
+        with pytest.raises(FileNotFoundError, match="has no model.keras"):
+            load(tmp_path / "empty")
+        with pytest.raises(FileNotFoundError, match="No saved model at"):
+            load(tmp_path / "missing.keras")
+        with pytest.raises(TypeError, match="got int"):
+            load(3)
+        (tmp_path / "junk.keras").write_bytes(b"not a zip")
+        with pytest.raises(ValueError, match="not a valid .keras archive"):
+            load(tmp_path / "junk.keras")
+
+
 # ----------------------------------------------------------------- SavedModel
 def _png(array: np.ndarray) -> bytes:
     buf = io.BytesIO()

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-import keras
-
 import tensorflow_probability as tfp
 
 from detreg_keras import flows as flows_module

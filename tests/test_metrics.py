@@ -867,3 +867,25 @@ def test_search_params_only_for_their_kind(unit_vectors):
         M.search_faiss_index(index, q, 3, nprobe=4)
     with pytest.raises(ValueError, match="use_gpu"):
         M.build_faiss_index(g, use_gpu="maybe")
+
+
+def test_default_callback_metrics_use_the_canonical_names():
+    """The callback's default request is spelt with METRIC_NAMES (no old aliases) and gives the documented keys."""
+    from detreg_keras.evaluation import DEFAULT_CALLBACK_METRICS
+
+    assert set(DEFAULT_CALLBACK_METRICS) <= set(M.METRIC_NAMES)
+    assert not set(DEFAULT_CALLBACK_METRICS) & set(M.METRIC_ALIASES)
+    assert M.metric_keys([1, 4], DEFAULT_CALLBACK_METRICS) == ["recall@1", "recall@4", "map@r", "r_precision",
+                                                              "precision@1"]  # fmt: skip
+
+
+def test_runtime_search_is_the_metrics_search():
+    """detreg_keras.metrics.search re-exports the one TensorFlow-free faiss wrapper (same objects)."""
+    from detreg_keras.metrics import search as metrics_search
+    from detreg_runtime import arrays, search
+
+    assert metrics_search.__all__ == search.__all__
+    assert all(getattr(metrics_search, name) is getattr(search, name) for name in search.__all__)
+    assert M.l2_normalize is arrays.l2_normalize
+    with pytest.raises(ValueError, match="Unknown index kind 'lsh'"):
+        search.check_index_kind("lsh")

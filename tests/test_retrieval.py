@@ -26,7 +26,6 @@ from detreg_keras.retrieval import (
     load_image,
     recall_against_exact,
 )
-from tests.conftest import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE, DIM = 32, 16
@@ -210,6 +209,23 @@ def test_approximate_recall(kind, params):
         assert recall_against_exact(full, exact) == 1.0
     else:
         assert approx.params["m"] == 16 and approx.params["ef_search"] == 128
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+def test_index_and_evaluation_build_the_same_faiss_index(kind):
+    """EmbeddingIndex builds through the one faiss wrapper: byte-identical to build_faiss_index, same defaults."""
+    import faiss
+
+    from detreg_keras.metrics import build_faiss_index
+
+    x, _ = clustered(1000, 16, 20)
+    index = EmbeddingIndex().build(x, kind=kind)
+    reference, params = build_faiss_index(x, kind)
+    assert faiss.serialize_index(index.index).tobytes() == faiss.serialize_index(reference).tobytes()
+    # defaults by hand for N = 1000: nlist = min(round(4 * sqrt(N)), N // 39) = min(126, 25)
+    expected = {"flat": {}, "ivf": {"nlist": 25, "nprobe": 1, "train_size": 1000, "niter": 10},
+                "hnsw": {"m": 32, "ef_construction": 40, "ef_search": 128}}[kind]  # fmt: skip
+    assert index.params == params == expected
 
 
 def test_ivf_unfilled_slots_are_marked():

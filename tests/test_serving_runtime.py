@@ -39,7 +39,7 @@ def tiny_onnx(path: Path, seed: int = 0) -> Path:
     graph = helper.make_graph(
         [helper.make_node("Flatten", ["images"], ["flat"], axis=1),
          helper.make_node("MatMul", ["flat", "w"], ["proj"]),
-         helper.make_node("LpNormalization", ["proj"], ["embeddings"], axis=1, p=2)],  # fmt: skip
+         helper.make_node("LpNormalization", ["proj"], ["embeddings"], axis=1, p=2)],
         "tiny",
         [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", SIZE, SIZE, 3])],
         [helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, ["batch", DIM])],
@@ -79,7 +79,8 @@ def test_runtime_imports_no_tensorflow():
     """A fresh interpreter imports every runtime module without TensorFlow, Keras, TFP or tf2onnx."""
     proc = _fresh(
         "import sys; import detreg_runtime, detreg_runtime.service, detreg_runtime.index_cli, "
-        "detreg_runtime.imaging, detreg_runtime.verification; import onnxruntime, faiss, fastapi, uvicorn\n"
+        "detreg_runtime.imaging, detreg_runtime.verification, detreg_runtime.search, detreg_runtime.arrays; "
+        "import onnxruntime, faiss, fastapi, uvicorn\n"
         f"heavy = sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r})\n"
         "assert not heavy, heavy; print('ok')"
     )

@@ -497,7 +497,8 @@ def test_head_stability_fields_reach_the_model_and_the_optimizer(tmp_path):
     old = {k: v for k, v in cfg.to_dict().items()
            if k not in ("shift_bound", "head_input_norm", "log_scale_bound", "coupling_reduction", "clipvalue",
                         "head_warmup_epochs")}
-    assert TrainConfig.from_dict(old).shift_bound is None
+    legacy = TrainConfig.from_dict(old)  # ... with the behaviour it was trained with, not today's defaults
+    assert (legacy.shift_bound, legacy.head_input_norm, legacy.head_warmup_epochs) == (None, "none", 0.0)
 
 
 def test_head_stability_flags():
@@ -531,3 +532,15 @@ def test_embedding_map_flag_writes_the_maps_into_the_run_folder(tmp_path):
     assert found["dim"] == 8
     assert (run_dir / "embedding_map.png").read_bytes()[:8] == PNG_MAGIC
     assert json.loads((run_dir / "metrics.json").read_text())["embedding_map_seconds"] > 0
+
+
+def test_loss_config_reaches_the_model(tmp_path):
+    """`--loss xbm --loss-config JSON` -> TrainConfig.loss_config -> DRegModel's XBM wrapper arguments."""
+    cfg = train_cli.parse_args(["--preset", "digits", "--loss", "xbm",
+                                "--loss-config", '{"loss": "contrastive", "memory_size": 256}']).cfg
+    assert cfg.loss_config == {"loss": "contrastive", "memory_size": 256}
+    model = build_model(tiny(tmp_path, loss=cfg.loss, loss_config=cfg.loss_config), num_classes=5)
+    assert model.loss_config == {"loss": "contrastive", "memory_size": 256}
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).loss_config == cfg.loss_config
+    with pytest.raises(SystemExit):
+        train_cli.parse_args(["--loss-config", "[1, 2]"])

@@ -13,6 +13,7 @@ from detreg_keras.retrieval import EmbeddingIndex
 from detreg_keras.verification import (
     UNKNOWN,
     Calibration,
+    _triangle_pair,
     calibrate_threshold,
     check_threshold,
     fnmr_at_fmr,
@@ -24,7 +25,6 @@ from detreg_keras.verification import (
     verification_pairs,
     verification_report,
 )
-from detreg_keras.verification import _triangle_pair  # noqa: PLC2701
 
 
 def _clustered(n_classes=6, per_class=7, dim=8, noise=0.6, seed=0):

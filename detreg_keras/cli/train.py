@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from typing import NamedTuple
 
 from detreg_keras.metrics import METRIC_ALIASES, METRIC_NAMES
@@ -74,6 +75,16 @@ def _optional_str(value: str) -> str | None:
 
 def _optional_float(value: str) -> float | None:
     return None if value.lower() in ("none", "null", "") else float(value)
+
+
+def _json_object(value: str) -> dict:
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({error.msg}): {value!r}") from None
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"memory_size\": 1024}}', got {value!r}")
+    return parsed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,10 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epsilon", type=float)
     g.add_argument("--regularizer-form", choices=("log1p", "logdet"))
     g.add_argument("--loss")
-    g.add_argument("--log-scale-bound", type=float, help="bound b of the coupling log-scales, |s| < b (default 2)")
+    g.add_argument("--loss-config", type=_json_object, metavar="JSON",
+                   help='the loss\' arguments as a JSON object, e.g. --loss xbm --loss-config \'{"loss": "contrastive", "memory_size": 2048}\'')
+    g.add_argument("--log-scale-bound", type=float, help="bound b of the coupling log-scales, s = b·tanh(ŝ/b) (default 0.1)")
     g.add_argument("--coupling-reduction", choices=("sum", "mean"), help="R over the K couplings (default sum)")
-    g.add_argument("--shift-bound", type=_optional_float, help="bound b of the coupling shifts, b·tanh(t/b) ('none': unbounded)")
-    g.add_argument("--head-input-norm", choices=("none", "l2"), help="'l2': the flow heads see sqrt(d)·z/|z|")
+    g.add_argument("--shift-bound", type=_optional_float, help="bound b of the coupling shifts, b·tanh(t/b) (default 0.1; 'none': unbounded)")
+    g.add_argument("--head-input-norm", choices=("none", "l2"), help="'l2' (default): the flow heads see sqrt(d)·z/|z|; 'none': they see z")
 
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int)

@@ -7,7 +7,7 @@ among the unseen digits 5–9 (1,797 images in all, about 180 per class).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

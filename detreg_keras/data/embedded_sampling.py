@@ -42,9 +42,10 @@ from typing import Any
 
 import keras
 import numpy as np
+import tensorflow as tf
 from threadpoolctl import ThreadpoolController
 
-from detreg_keras.data.sampling import check_steps
+from detreg_keras.data.sampling import check_steps, class_members
 
 __all__ = [
     "DDMSampler",
@@ -448,10 +449,7 @@ class _EmbeddedSampler:
         self.store = store
         self.seed = int(seed)
         self.steps_per_epoch = check_steps(steps_per_epoch, self.num_examples // self.batch_size)
-        _, inverse = np.unique(self.labels, return_inverse=True)
-        order = np.argsort(inverse, kind="stable")
-        self._members = np.split(order, np.cumsum(np.bincount(inverse))[:-1])
-        self._class_of = inverse
+        _, self._class_of, self._members = class_members(self.labels)
         self._cache: tuple[int, Any] | None = None
         self._lock = threading.Lock()
         self.selection_seconds = 0.0
@@ -684,11 +682,15 @@ class PoolEmbeddingRefresh(keras.callbacks.Callback):
 
     Args:
         store: the store the sampler reads.
-        pool: the pool's model inputs, ``[num_examples, ...]``, row ``i`` the
-            example of label ``i`` of the sampler (e.g. the eval-transformed images).
+        pool: the pool's model inputs, row ``i`` the example of label ``i`` of
+            the sampler: an array ``[num_examples, ...]`` (e.g. eval-transformed
+            images), or, for pools too large for memory, a ``tf.data.Dataset``
+            of batches ``x`` or ``(x, y)`` in that order (e.g.
+            :func:`~detreg_keras.data.pipeline.make_eval_dataset` of the
+            training records; its length is checked at each refresh).
         every_n_steps: refresh period in training steps (``None``: never mid-epoch).
         every_n_epochs: refresh period in epochs (``None``: never at epoch end).
-        batch_size: inference batch size.
+        batch_size: inference batch size (array pools).
         embed_fn: ``inputs [b, ...] -> embeddings [b, d]``; default the
             model's inference output (``model.predict_on_batch``).
         background: refresh in a worker thread.
@@ -697,7 +699,7 @@ class PoolEmbeddingRefresh(keras.callbacks.Callback):
     def __init__(
         self,
         store: EmbeddingStore,
-        pool: np.ndarray,
+        pool: np.ndarray | tf.data.Dataset,
         every_n_steps: int | None = None,
         every_n_epochs: int | None = 1,
         batch_size: int = 256,
@@ -708,7 +710,7 @@ class PoolEmbeddingRefresh(keras.callbacks.Callback):
         for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be None or >= 1, got {value}.")
-        if len(pool) != store.num_examples:
+        if not isinstance(pool, tf.data.Dataset) and len(pool) != store.num_examples:
             raise ValueError(
                 f"the pool has {len(pool)} inputs but the store expects {store.num_examples}."
             )
@@ -730,13 +732,15 @@ class PoolEmbeddingRefresh(keras.callbacks.Callback):
         self._lock = threading.Lock()
 
     def embed_pool(self) -> np.ndarray:
-        """The pool's embeddings, ``batch_size`` inputs at a time."""
+        """The pool's embeddings, ``batch_size`` inputs at a time (or the dataset's batches)."""
         embed = self.embed_fn or self.model.predict_on_batch
-        parts = [
-            np.asarray(embed(self.pool[i : i + self.batch_size]))
-            for i in range(0, len(self.pool), self.batch_size)
-        ]
-        return np.concatenate(parts)
+        if isinstance(self.pool, tf.data.Dataset):
+            batches = (b[0] if isinstance(b, tuple) else b for b in self.pool)
+        else:
+            batches = (
+                self.pool[i : i + self.batch_size] for i in range(0, len(self.pool), self.batch_size)
+            )
+        return np.concatenate([np.asarray(embed(b)) for b in batches])
 
     def refresh(self) -> None:
         """Embeds the pool and stores it, timing the whole refresh."""
@@ -783,7 +787,7 @@ class PoolEmbeddingRefresh(keras.callbacks.Callback):
     def _run_worker(self) -> None:
         try:
             self.refresh()
-        except BaseException as error:  # noqa: BLE001 -- re-raised on the training thread
+        except BaseException as error:
             self._error = error
 
     def _raise_worker_error(self) -> None:

@@ -103,7 +103,7 @@ def check_image_bytes(data: bytes, validate: ValidateMode = "verify") -> str | N
                 img.verify()
     except Image.DecompressionBombError:
         return None  # huge but valid; TensorFlow decodes it
-    except Exception as err:  # noqa: BLE001  (PIL raises many types on bad data)
+    except Exception as err:
         return f"corrupt ({type(err).__name__}: {err})"
     return None
 

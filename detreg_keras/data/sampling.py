@@ -59,6 +59,15 @@ if TYPE_CHECKING:
 _SEED_MAX = 2**31 - 1
 
 
+def class_members(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """``(classes, inverse, members)``: sorted distinct labels, each example's class
+    number, and the example indices of each class (ascending)."""
+    classes, inverse = np.unique(labels, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    counts = np.bincount(inverse, minlength=len(classes))
+    return classes, inverse, np.split(order, np.cumsum(counts)[:-1])
+
+
 class MPerClassSampler:
     """Class-balanced batches of ``classes_per_batch`` x ``samples_per_class``.
 
@@ -83,15 +92,13 @@ class MPerClassSampler:
         if classes_per_batch < 1 or samples_per_class < 1:
             raise ValueError("classes_per_batch and samples_per_class must be >= 1.")
         labels = np.asarray(labels, dtype=np.int64).reshape(-1)
-        self.classes, inverse = np.unique(labels, return_inverse=True)
+        self.classes, _, self._members = class_members(labels)
         if len(self.classes) < classes_per_batch:
             raise ValueError(
                 f"m-per-class sampling needs at least classes_per_batch={classes_per_batch} "
                 f"classes, but the labels hold {len(self.classes)}."
             )
-        order = np.argsort(inverse, kind="stable")
-        counts = np.bincount(inverse, minlength=len(self.classes))
-        self._members = np.split(order, np.cumsum(counts)[:-1])
+        counts = np.array([len(m) for m in self._members])
         self.classes_per_batch = int(classes_per_batch)
         self.samples_per_class = int(samples_per_class)
         self.seed = int(seed)

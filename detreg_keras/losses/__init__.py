@@ -6,13 +6,15 @@ do), or instantiate the classes directly.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from detreg_keras.losses.base import DMLLoss
 from detreg_keras.losses.circle import CircleLoss, circle_loss
 from detreg_keras.losses.contrastive import ContrastiveLoss, contrastive_loss
 from detreg_keras.losses.direction import DirectionRegularizedTripletLoss, direction_regularized_triplet_loss
 from detreg_keras.losses.lifted import LiftedStructureLoss, lifted_structure_loss
+from detreg_keras.losses.margin import MarginLoss, margin_loss
 from detreg_keras.losses.margin_softmax import (
     ArcFaceLoss,
     CosFaceLoss,
@@ -21,7 +23,6 @@ from detreg_keras.losses.margin_softmax import (
     cosface_loss,
     normalized_softmax_loss,
 )
-from detreg_keras.losses.margin import MarginLoss, margin_loss
 from detreg_keras.losses.multi_similarity import MultiSimilarityLoss, multi_similarity_loss
 from detreg_keras.losses.npair import NPairLoss, npair_loss
 from detreg_keras.losses.proxy_anchor import ProxyAnchorLoss, proxy_anchor_loss

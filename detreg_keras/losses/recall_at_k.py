@@ -36,7 +36,7 @@ Algorithm 1, whose second pass is ordinary backpropagation here).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import keras
 import tensorflow as tf

@@ -19,7 +19,6 @@ two centers coincide.
 
 from __future__ import annotations
 
-
 import keras
 import tensorflow as tf
 

@@ -210,7 +210,7 @@ def _supported_name(base_loss: DMLLoss) -> str:
 def _build_base_loss(loss: Any, loss_config: dict | None, num_classes, embedding_dim, name: str) -> DMLLoss:
     """The wrapped loss layer from a registry name (and its hyper-parameters) or a loss layer."""
     if isinstance(loss, str):
-        from detreg_keras.losses import get  # the registry imports this module
+        from detreg_keras.losses import get  # noqa: PLC0415 (the registry imports this module)
 
         key = loss.lower().replace("-", "_")
         if key not in SUPPORTED_LOSSES:
@@ -298,7 +298,7 @@ class CrossBatchMemory(DMLLoss):
         self._check_shapes(embeddings, labels)
         if self.all_gather:
             # imported here: the model imports the losses
-            from detreg_keras.model import _gather_global_batch
+            from detreg_keras.model import _gather_global_batch  # noqa: PLC0415 (model imports the losses)
 
             embeddings, labels = _gather_global_batch(embeddings, labels)
         if not training:

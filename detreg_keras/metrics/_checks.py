@@ -1,6 +1,9 @@
-"""Input validation shared by the metrics and the search code (numpy only).
+"""Input validation of the metrics (numpy only): labels, ``ks`` and the evaluation inputs.
 
-Every check raises ``ValueError`` naming the argument, the bad value and what
+The array checks shared with the search code and the serving runtime
+(:func:`as_matrix`, :func:`is_int`, :func:`check_positive_int`,
+:func:`l2_normalize`) live in :mod:`detreg_runtime.arrays` and are re-exported
+here. Every check raises ``ValueError`` naming the argument, the bad value and what
 is expected, so that a wrong call fails at the boundary and not deep inside
 faiss or numpy.
 """
@@ -9,49 +12,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Literal
 
 import numpy as np
 
-ArrayLike = Any
-UseGpu = bool | Literal["auto"]
-
-
-def as_matrix(x: ArrayLike, name: str) -> np.ndarray:
-    """Returns ``x`` as a C-contiguous float32 ``[N, D]`` array.
-
-    Args:
-        x: array-like of real numbers.
-        name: argument name used in error messages.
-
-    Returns:
-        A float32 C-contiguous array (a copy when the input was not one).
-
-    Raises:
-        ValueError: if ``x`` is not 2-D, is empty, is not real-valued numeric,
-            or holds NaN/Inf (the message gives the first bad row).
-    """
-    try:
-        arr = np.asarray(x)
-    except Exception as exc:  # pragma: no cover - exotic inputs
-        raise ValueError(f"{name} could not be converted to an array: {exc}") from exc
-    if arr.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D array of shape [num_items, dim], got shape {arr.shape}.")
-    if arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise ValueError(f"{name} must be non-empty, got shape {arr.shape}.")
-    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
-        raise ValueError(f"{name} must be numeric, got dtype {arr.dtype}.")
-    if np.iscomplexobj(arr):
-        raise ValueError(f"{name} must be real-valued, got dtype {arr.dtype}.")
-    arr = np.ascontiguousarray(arr, dtype=np.float32)
-    bad_rows = ~np.isfinite(arr).all(axis=1)
-    if bad_rows.any():
-        first = int(np.flatnonzero(bad_rows)[0])
-        raise ValueError(
-            f"{name} contains NaN or Inf values in {int(bad_rows.sum())} row(s) "
-            f"(first at row {first}); embeddings must be finite (a diverged model?)."
-        )
-    return arr
+from detreg_runtime.arrays import (  # noqa: F401  (re-exported: the metrics import them from here)
+    ArrayLike,
+    UseGpu,
+    as_matrix,
+    check_positive_int,
+    is_int,
+    l2_normalize,
+)
 
 
 def as_labels(y: ArrayLike, name: str, num_items: int) -> np.ndarray:
@@ -75,25 +46,6 @@ def as_labels(y: ArrayLike, name: str, num_items: int) -> np.ndarray:
     return arr
 
 
-def is_int(value: Any) -> bool:
-    """True for Python/numpy integers, False for bools and everything else."""
-    return not isinstance(value, bool) and isinstance(value, (int, np.integer))
-
-
-def check_positive_int(value: Any, name: str, *, allow_none: bool = False) -> int | None:
-    """Returns ``int(value)`` if it is an integer ``>= 1`` (or ``None`` when allowed).
-
-    Raises:
-        ValueError: naming ``name`` and the bad value.
-    """
-    if value is None and allow_none:
-        return None
-    if not is_int(value) or value < 1:
-        suffix = " or None" if allow_none else ""
-        raise ValueError(f"{name} must be a positive integer{suffix}, got {value!r}.")
-    return int(value)
-
-
 def validate_ks(ks: int | Iterable[int]) -> tuple[int, ...]:
     """Returns ``ks`` as a non-empty tuple of integers ``>= 1``.
 
@@ -109,21 +61,6 @@ def validate_ks(ks: int | Iterable[int]) -> tuple[int, ...]:
         if k < 1:
             raise ValueError(f"every k in ks must be >= 1, got {k} in {ks!r}.")
     return tuple(int(k) for k in ks)
-
-
-def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """Scales each row of ``x`` to unit L2 norm (all-zero rows stay zero).
-
-    Args:
-        x: float array of shape [N, D].
-        eps: floor on the norm, to avoid dividing by zero.
-
-    Returns:
-        A new C-contiguous float32 array of the same shape.
-    """
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
-    return np.ascontiguousarray(x / np.maximum(norms, eps)[:, None].astype(np.float32))
 
 
 def same_class_counts(query_labels: np.ndarray, gallery_labels: np.ndarray, *, same_source: bool) -> np.ndarray:

@@ -75,7 +75,7 @@ def kmeans_cluster(
     Raises:
         ValueError: on bad ``x``, ``num_clusters`` outside ``[1, N]`` or an unknown ``init``.
     """
-    import faiss
+    import faiss  # noqa: PLC0415 (heavy; only k-means needs it)
 
     x = as_matrix(x, "x")
     n, d = x.shape
@@ -100,7 +100,7 @@ def kmeans_cluster(
 
 def calculate_nmi(query_labels: np.ndarray, cluster_labels: np.ndarray) -> float:
     """``sklearn.metrics.normalized_mutual_info_score(query_labels, cluster_labels)``."""
-    from sklearn.metrics import normalized_mutual_info_score
+    from sklearn.metrics import normalized_mutual_info_score  # noqa: PLC0415 (sklearn loads slowly)
 
     return float(normalized_mutual_info_score(np.asarray(query_labels), np.asarray(cluster_labels)))
 

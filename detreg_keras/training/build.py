@@ -33,6 +33,7 @@ def build_model(cfg: TrainConfig, num_classes: int) -> DRegModel:
         epsilon=cfg.epsilon,
         regularizer_form=cfg.regularizer_form,
         loss=cfg.loss,
+        loss_config=cfg.loss_config,
         log_scale_bound=cfg.log_scale_bound,
         coupling_reduction=cfg.coupling_reduction,
         shift_bound=cfg.shift_bound,

@@ -58,6 +58,7 @@ class TrainConfig:
     epsilon: float = 0.4
     regularizer_form: str = "log1p"
     loss: str = "proxy_anchor"
+    loss_config: dict[str, Any] | None = None  # the loss' arguments, e.g. xbm: {"loss": ..., "memory_size": ...}
     # The three head defaults below and head_warmup_epochs = 1 let the heads train at the
     # paper's 1e-3 (issue 13; before: 2.0 / None / "none" / 0, RESULTS.md).
     log_scale_bound: float = 0.1  # bound of the coupling log-scales, s = b·tanh(ŝ/b)

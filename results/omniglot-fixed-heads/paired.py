@@ -34,27 +34,28 @@ def read_cells(folder: Path) -> dict[str, dict[int, dict]]:
     return cells
 
 
-def mean_std(values: list[float]) -> str:
+def mean_std(values: list[float], digits: int = 2) -> str:
     if not values:
         return "—"
     std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.2f} ± {std:.2f}"
+    return f"{statistics.fmean(values):.{digits}f} ± {std:.{digits}f}"
 
 
 def column(by_seed: dict[int, dict], key: str, scale: float = 1.0) -> list[float]:
     return [scale * run[key] for _, run in sorted(by_seed.items()) if run.get(key) is not None]
 
 
-def paired(by_seed: dict[int, dict], ref: dict[int, dict], key: str, scale: float) -> tuple[str, str]:
+def paired(by_seed: dict[int, dict], ref: dict[int, dict], key: str, scale: float, digits: int = 2) -> tuple[str, str]:
     seeds = sorted(set(by_seed) & set(ref))
     diffs = [scale * (by_seed[s][key] - ref[s][key]) for s in seeds]
-    return mean_std(diffs), ", ".join(f"{d:+.2f}" for d in diffs) or "—"
+    return mean_std(diffs, digits), ", ".join(f"{d:+.{digits}f}" for d in diffs) or "—"
 
 
 def table(cells: dict[str, dict[int, dict]], reference: str, names: list[str]) -> str:
     ref = cells.get(reference, {})
     head = ["cell", "seeds"] + [t for _, t, _ in METRICS] + [t for _, t in PROBES]
-    head += ["train s", f"ΔR@1 vs {reference}", "per seed", f"ΔMAP@R vs {reference}", "per seed"]
+    head += ["train s", f"ΔR@1 vs {reference}", "per seed", f"ΔMAP@R vs {reference}", "per seed",
+             f"ΔR(Z1) vs {reference}", "per seed"]
     lines = ["| " + " | ".join(head) + " |", "|:--|--:|" + "--:|" * (len(head) - 2)]
     for name in names:
         by_seed = cells.get(name)
@@ -64,8 +65,9 @@ def table(cells: dict[str, dict[int, dict]], reference: str, names: list[str]) -
         row += [mean_std(column(by_seed, k, sc)) for k, _, sc in METRICS]
         row += [mean_std(column(by_seed, k)) for k, _ in PROBES]
         row.append(f"{statistics.fmean(column(by_seed, 'train_seconds')):.0f}")
-        for key, _, scale in METRICS:
-            row += list(paired(by_seed, ref, key, scale)) if name != reference else ["—", "—"]
+        for key, _, scale in (*METRICS, ("R_min", "R(Z1)", 1.0)):
+            usable = name != reference and all(run.get(key) is not None for run in (*by_seed.values(), *ref.values()))
+            row += list(paired(by_seed, ref, key, scale, digits=3 if key == "R_min" else 2)) if usable else ["—", "—"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 

@@ -13,6 +13,7 @@ import threading
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from scipy import linalg
 from scipy.spatial.distance import cdist, pdist
 from scipy.stats import wasserstein_distance
@@ -410,6 +411,23 @@ def test_refresh_callback_embeds_the_pool_with_the_model(background):
     assert len(history.history["pool_refresh_s"]) == 2
     if not background:
         np.testing.assert_allclose(store.snapshot()[1], model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+
+
+def test_refresh_callback_takes_a_dataset_pool():
+    """A tf.data pool of (x, y) batches gives the same embeddings as the array pool."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(50, 6)).astype("float32")
+    model = _tiny_model()
+    store = EmbeddingStore(50)
+    pool = tf.data.Dataset.from_tensor_slices((x, np.zeros(50))).batch(16)
+    refresh = PoolEmbeddingRefresh(store, pool)
+    refresh.set_model(model)
+    refresh.refresh()
+    np.testing.assert_allclose(store.snapshot()[1], model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+    short = PoolEmbeddingRefresh(store, pool.take(2))
+    short.set_model(model)
+    with pytest.raises(ValueError, match=r"must be \[50, d\].*got shape \(32, 4\)"):
+        short.refresh()
 
 
 def test_refresh_callback_errors():

@@ -7,7 +7,6 @@ import math
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from detreg_keras import losses
 from detreg_keras.losses.proxy_gml import ProxyGMLLoss, proxy_gml_loss, subgraph_size
