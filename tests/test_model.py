@@ -37,6 +37,14 @@ def _model(**kw):
     return DRegModel(num_classes=config.pop("num_classes", 5), **config)
 
 
+def _head_input(model, z):
+    """The heads' input written out: √d·z/‖z‖ for ``head_input_norm="l2"`` (the default), else z."""
+    if model.head_input_norm == "none":
+        return z
+    z = np.asarray(z, np.float64)
+    return np.sqrt(z.shape[1]) * z / np.linalg.norm(z, axis=1, keepdims=True)
+
+
 def _perturb_heads(model, seed=0):
     rng = np.random.default_rng(seed)
     for flow in (model.flow_min, model.flow_max):
@@ -51,7 +59,7 @@ def test_objective_equals_eq11_recomputed_from_parts():
     model(x[:2])
     _perturb_heads(model)
     terms = model.compute_dreg_losses(tf.constant(x), tf.constant(y))
-    z = model.embed_features(tf.constant(x))
+    z = tf.constant(_head_input(model, model.embed_features(tf.constant(x)).numpy()), tf.float32)
     aug, valid = between_sample_augment(z, y, 0.4)
     points = tf.concat([z, aug], 0)
     mask = tf.concat([tf.ones_like(valid), valid], 0)
@@ -77,7 +85,8 @@ def test_call_returns_normalised_head1_embedding():
     _perturb_heads(model)
     emb = model(x).numpy()
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
-    expected = l2_normalize(model.flow_min(model.embed_features(tf.constant(x)))).numpy()
+    z = _head_input(model, model.embed_features(tf.constant(x)).numpy())
+    expected = l2_normalize(model.flow_min(tf.constant(z, tf.float32))).numpy()
     np.testing.assert_allclose(emb, expected, atol=1e-6)
 
 
@@ -346,6 +355,8 @@ def _numpy_realnvp(flow, x):
         out = a @ layer.net.out.kernel.numpy() + layer.net.out.bias.numpy()
         shift, raw = np.split(out, 2, axis=1)
         s = bound * np.tanh(raw / bound)
+        if layer.shift_bound is not None:
+            shift = layer.shift_bound * np.tanh(shift / layer.shift_bound)
         diag = np.concatenate([np.ones((len(h), m)), np.exp(s)], axis=1)  # the Jacobian diagonal
         r = r + np.log1p(np.abs(diag)).sum(1) / h.shape[1]
         h = np.concatenate([h[:, :m], h[:, m:] * np.exp(s) + shift], axis=1)
@@ -355,7 +366,7 @@ def _numpy_realnvp(flow, x):
 
 
 def _numpy_eq11(model, x, y, lam1, lam2):
-    z = model.embed_features(tf.constant(x), training=True).numpy().astype(np.float64)
+    z = _head_input(model, model.embed_features(tf.constant(x), training=True).numpy().astype(np.float64))
     aug, valid = _numpy_augment(z, y, model.epsilon)
     points, mask = np.concatenate([z, aug]), np.concatenate([np.ones(len(z), bool), valid])
     e1, r1 = _numpy_realnvp(model.flow_min, points)

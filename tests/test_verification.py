@@ -354,22 +354,22 @@ def test_calibration_to_dict_is_json():
 
 
 def test_verify_omniglot_script_rows_against_numpy():
-    """scripts/verify_omniglot.py's split, transfer and open-set numbers, recomputed with plain numpy."""
+    """scripts/verify_omniglot.py's test-halves split, transfer and open-set numbers, recomputed with plain numpy."""
     from tests.conftest import load_script
 
     script = load_script("verify_omniglot")
     x, labels = _clustered(n_classes=8, per_class=20, noise=0.9, seed=4)
-    row = script._rows(x, labels, seed=1, fmrs=[0.05])
+    row = script.test_halves_study((x, labels), seeds=[1], fmrs=[0.05], centre=False)[0]
     classes = np.random.default_rng(1).permutation(np.unique(labels))
     cal_classes, ev_classes = classes[:4], classes[4:]
     ev = np.isin(labels, ev_classes)
     pe = verification_pairs(x[ev], labels[ev])
-    assert row["eval roc_auc"] == pytest.approx(roc_auc_score(pe.genuine, pe.scores))
+    assert row["test roc_auc"] == pytest.approx(roc_auc_score(pe.genuine, pe.scores))
     cal = np.isin(labels, cal_classes)
     pc = verification_pairs(x[cal], labels[cal])
     threshold = _brute_calibration(pc.scores.astype(np.float64), pc.genuine, target_fmr=0.05)[0]
     assert row["calibrated@0.05: threshold"] == pytest.approx(threshold)
-    assert row["calibrated@0.05: eval FMR"] == pytest.approx(_brute_rates(pe.scores, pe.genuine, threshold)[0])
+    assert row["calibrated@0.05: test FMR"] == pytest.approx(_brute_rates(pe.scores, pe.genuine, threshold)[0])
     known = ev_classes[:2]
     gallery = np.concatenate([np.flatnonzero(labels == c)[:10] for c in known])
     unknown_q = np.concatenate([np.flatnonzero(labels == c)[10:] for c in ev_classes[2:]])

@@ -58,6 +58,7 @@ from detreg_keras.training import (
     resolve_config,
     run_training,
 )
+from detreg_keras.training.config import SAMPLERS
 
 
 class Command(NamedTuple):
@@ -118,8 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("input pipeline")
     g.add_argument("--image-size", type=int)
     g.add_argument("--channels", type=int, choices=(1, 3))
-    g.add_argument("--sampler", choices=("random", "m_per_class"))
-    g.add_argument("--samples-per-class", type=int, help="m of m_per_class batches (batch = P x m)")
+    g.add_argument("--sampler", choices=SAMPLERS,
+                   help="batch sampler: random, m_per_class (P classes x m), spc_r (random + one same-class pair), "
+                        "or the embedded samplers greedy_coreset, ddm, frd (Roth et al. 2020: batches chosen "
+                        "from the current embeddings of the training images)")
+    g.add_argument("--samples-per-class", type=int, help="m of m_per_class and embedded-sampler batches (batch = P x m)")
+    g.add_argument("--sampler-refresh-epochs", type=int,
+                   help="embedded samplers: re-embed the training images every N epochs (default 1)")
+    g.add_argument("--sampler-candidates", type=int, help="ddm / frd: random candidate batches per batch (default 30)")
     g.add_argument("--crop-scale-min", type=float, help="RandomResizedCrop area range (min, 1)")
     g.add_argument("--flip", action=argparse.BooleanOptionalAction, help="random horizontal flips")
     g.add_argument("--eval-mode", choices=("center_crop", "resize"))

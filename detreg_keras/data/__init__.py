@@ -7,7 +7,9 @@
 * :mod:`~detreg_keras.data.omniglot_embedded`: the Omniglot benchmark shipped
   with the package (:func:`load_omniglot_split`, no download).
 * :mod:`~detreg_keras.data.tfds_loaders`: CUB-200-2011, Cars196, SOP (tfds), In-shop.
-* :mod:`~detreg_keras.data.sampling`: m-per-class and random batch samplers.
+* :mod:`~detreg_keras.data.sampling`: m-per-class, SPC-R and random batch samplers.
+* :mod:`~detreg_keras.data.embedded_sampling`: greedy coreset, DDM and FRD batches
+  from the current embeddings (:class:`EmbeddingStore`, :class:`PoolEmbeddingRefresh`).
 * :mod:`~detreg_keras.data.pipeline`: decoding, augmentation, tf.data pipelines.
 * :mod:`~detreg_keras.data.registry`: datasets by name (:data:`DATASETS`) and
   :func:`load_splits` (a run's class-disjoint splits from its config).
@@ -16,6 +18,13 @@
 from __future__ import annotations
 
 from detreg_keras.data.digits import load_digits_split
+from detreg_keras.data.embedded_sampling import (
+    DDMSampler,
+    EmbeddingStore,
+    FRDSampler,
+    GreedyCoresetSampler,
+    PoolEmbeddingRefresh,
+)
 from detreg_keras.data.folders import (
     IMAGE_EXTENSIONS,
     OMNIGLOT_TEST_ALPHABETS,
@@ -53,8 +62,10 @@ from detreg_keras.data.registry import (
 from detreg_keras.data.sampling import (
     MPerClassSampler,
     RandomSampler,
+    SPCRSampler,
     index_dataset,
     m_per_class_steps,
+    spc_r_batch,
 )
 from detreg_keras.data.splits import (
     ClassSplit,
@@ -79,15 +90,21 @@ __all__ = [
     "OMNIGLOT_TEST_ALPHABETS",
     "ClassSplit",
     "CorruptImageWarning",
+    "DDMSampler",
     "DMLDatasets",
     "DataSplits",
     "DecodeStats",
+    "EmbeddingStore",
+    "FRDSampler",
+    "GreedyCoresetSampler",
     "ImageRecords",
     "InShopRecords",
     "LabelMap",
     "MPerClassSampler",
     "OmniglotArrays",
+    "PoolEmbeddingRefresh",
     "RandomSampler",
+    "SPCRSampler",
     "carve_validation_classes",
     "check_image_bytes",
     "check_paths",
@@ -114,6 +131,7 @@ __all__ = [
     "resolve_data_path",
     "select_classes",
     "source_labels",
+    "spc_r_batch",
     "split_classes",
     "train_transform",
 ]

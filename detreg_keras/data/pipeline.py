@@ -27,8 +27,9 @@ attempted and decoded images; a training pipeline built from
 ``detreg_keras.data.pipeline``) at the start of the next epoch when images
 were dropped (for other sources, read the :class:`DecodeStats` you pass in).
 With random batches a bad image is just left out of its batch stream; with
-m-per-class batches a whole batch is decoded in one step and dropped as a
-unit, so that every remaining batch keeps its exact ``P x m`` composition. (Loaders already skip
+batch-planning samplers (m-per-class, SPC-R, the embedded samplers) a whole
+batch is decoded in one step and dropped as a unit, so that every remaining
+batch keeps its exact composition (``P x m`` for m-per-class). (Loaders already skip
 unreadable files at listing time, so this is a second line of defence.)
 """
 
@@ -532,6 +533,46 @@ def _resolve_batch(
     return p * m, p, m
 
 
+def _sampler_batch_size(
+    sampler: Sampler,
+    batch_size: int | None,
+    classes_per_batch: int | None,
+    samples_per_class: int | None,
+) -> int:
+    """The batch size of an index sampler object; a clear error when the arguments contradict it."""
+    if not hasattr(sampler, "epoch_indices") or not hasattr(sampler, "num_examples"):
+        raise TypeError(
+            f"sampler must be 'random', 'm_per_class' or an index sampler (with epoch_indices, "
+            f"num_examples and batch_size), got {type(sampler).__name__}."
+        )
+    if isinstance(sampler, RandomSampler):
+        if batch_size is None or batch_size < 1:
+            raise ValueError("make_train_dataset needs a positive batch_size with a RandomSampler.")
+        return int(batch_size)
+    own = int(sampler.batch_size)
+    if batch_size is not None and batch_size != own:
+        raise ValueError(
+            f"batch_size={batch_size} differs from the sampler's batch_size={own}; "
+            "pass batch_size=None (the sampler's is used)."
+        )
+    if classes_per_batch is not None or samples_per_class is not None:
+        raise ValueError(
+            "classes_per_batch / samples_per_class only apply to sampler='m_per_class'; "
+            "a sampler object sets its own batch composition."
+        )
+    return own
+
+
+def _check_sampler_size(sampler: Sampler, num_examples: int) -> Sampler:
+    """``sampler`` if it indexes exactly ``num_examples`` examples (the records, in order)."""
+    if sampler.num_examples != num_examples:
+        raise ValueError(
+            f"the sampler indexes {sampler.num_examples} examples but the source holds "
+            f"{num_examples}; build the sampler from the labels of this source, in order."
+        )
+    return sampler
+
+
 # ----------------------------------------------------------------------------- pipelines
 
 
@@ -540,7 +581,7 @@ def make_train_dataset(
     batch_size: int | None = None,
     image_size: ImageSize = 224,
     *,
-    sampler: Literal["random", "m_per_class"] = "random",
+    sampler: Literal["random", "m_per_class"] | Sampler = "random",
     classes_per_batch: int | None = None,
     samples_per_class: int | None = None,
     seed: int = 0,
@@ -565,9 +606,16 @@ def make_train_dataset(
             of ``batch_size``, ``classes_per_batch``, ``samples_per_class``.
         image_size: output size, ``int`` or ``(height, width)``.
         sampler: ``"random"`` (shuffled examples, see
-            :class:`~detreg_keras.data.sampling.RandomSampler`) or
+            :class:`~detreg_keras.data.sampling.RandomSampler`),
             ``"m_per_class"`` (see
-            :class:`~detreg_keras.data.sampling.MPerClassSampler`).
+            :class:`~detreg_keras.data.sampling.MPerClassSampler`), or an
+            index sampler object over the source's examples in order (e.g.
+            :class:`~detreg_keras.data.sampling.SPCRSampler` or an embedded
+            sampler of :mod:`~detreg_keras.data.embedded_sampling`): its
+            ``batch_size`` is used and ``batch_size``,
+            ``classes_per_batch`` and ``samples_per_class`` must be ``None``
+            or agree with it; its own ``seed`` orders the batches and seeds
+            the augmentations (``seed`` is then unused).
         classes_per_batch: ``P`` for ``m_per_class``.
         samples_per_class: ``m`` for ``m_per_class``.
         seed: seeds the sampling order and the augmentations.
@@ -586,12 +634,17 @@ def make_train_dataset(
         Dataset of ``(float32 [B, H, W, 3] in [0, 255], int64 [B])``.
     """
     stats = stats or DecodeStats()
-    if sampler not in ("random", "m_per_class"):
-        raise ValueError(f"sampler must be 'random' or 'm_per_class', got {sampler!r}.")
-    if sampler == "m_per_class":
-        batch_size, p, m = _resolve_batch(batch_size, classes_per_batch, samples_per_class)
-    elif batch_size is None or batch_size < 1:
-        raise ValueError("make_train_dataset needs a positive batch_size.")
+    if isinstance(sampler, str):
+        if sampler not in ("random", "m_per_class"):
+            raise ValueError(
+                f"sampler must be 'random', 'm_per_class' or an index sampler object, got {sampler!r}."
+            )
+        if sampler == "m_per_class":
+            batch_size, p, m = _resolve_batch(batch_size, classes_per_batch, samples_per_class)
+        elif batch_size is None or batch_size < 1:
+            raise ValueError("make_train_dataset needs a positive batch_size.")
+    else:
+        batch_size = _sampler_batch_size(sampler, batch_size, classes_per_batch, samples_per_class)
 
     def load_one(data: tf.Tensor, seed_: tf.Tensor) -> tf.Tensor:
         return decode_train_transform(
@@ -601,7 +654,7 @@ def make_train_dataset(
     def on_epoch(epoch: int) -> None:
         stats._epoch_started(epoch, repeat)
 
-    if isinstance(source, tf.data.Dataset) and sampler == "random":
+    if isinstance(source, tf.data.Dataset) and isinstance(sampler, str) and sampler == "random":
         encoded = source.element_spec[0].dtype == tf.string
 
         def load_ds(element: tuple[tf.Tensor, tf.Tensor], seed_: tf.Tensor):
@@ -628,18 +681,19 @@ def make_train_dataset(
 
     records = records_from_dataset(source) if isinstance(source, tf.data.Dataset) else source
     in_memory = records.in_memory
-    index_sampler: Sampler = (
-        RandomSampler(len(records), seed=seed)
-        if sampler == "random"
-        else MPerClassSampler(records.labels, p, m, seed=seed)
-    )
+    if not isinstance(sampler, str):
+        index_sampler: Sampler = _check_sampler_size(sampler, len(records))
+    elif sampler == "random":
+        index_sampler = RandomSampler(len(records), seed=seed)
+    else:
+        index_sampler = MPerClassSampler(records.labels, p, m, seed=seed)
     ds = _records_source(records, index_sampler, repeat, on_epoch)
 
     def track_epoch(epoch: tf.Tensor) -> tf.Tensor | None:
         # per-epoch-parity counts are only read with repeat=True (DecodeStats._epoch_started)
         return epoch if repeat else None
 
-    if sampler == "random":
+    if isinstance(index_sampler, RandomSampler):
 
         def load_element(src: tf.Tensor, label: tf.Tensor, seed_: tf.Tensor, epoch: tf.Tensor):
             return stats._track(1, lambda: load_one(_read(src, in_memory), seed_), track_epoch(epoch)), label

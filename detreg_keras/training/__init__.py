@@ -53,9 +53,11 @@ from detreg_keras.training.build import build_model, make_run_optimizer
 from detreg_keras.training.callbacks import HistoryLog, PeriodicCheckpoint
 from detreg_keras.training.config import TrainConfig, check_config, resolve_config
 from detreg_keras.training.inputs import (
+    TrainingInputs,
     make_array_dataset,
     make_evaluation_data,
     make_training_data,
+    make_training_inputs,
     report_dropped,
 )
 from detreg_keras.training.presets import DEFAULT_PRESET, PRESETS
@@ -109,6 +111,7 @@ __all__ = [
     "RetrievalEvaluation",
     "Source",
     "TrainConfig",
+    "TrainingInputs",
     "baseline_metrics",
     "build_model",
     "check_config",
@@ -123,6 +126,7 @@ __all__ = [
     "make_evaluation_data",
     "make_run_optimizer",
     "make_training_data",
+    "make_training_inputs",
     "method_label",
     "pixel_vectors",
     "plot_recall_at_k",

@@ -38,8 +38,10 @@ class TrainConfig:
     # ------------------------------------------------------------ pipeline
     image_size: int = 8
     channels: int = 1
-    sampler: str = "random"  # "random" or "m_per_class"
-    samples_per_class: int = 4  # m of m_per_class (batch_size = P x m)
+    sampler: str = "random"  # one of SAMPLERS: random, m_per_class, spc_r, greedy_coreset, ddm, frd
+    samples_per_class: int = 4  # m of m_per_class and of the embedded samplers (batch_size = P x m)
+    sampler_refresh_epochs: int = 1  # embedded samplers: re-embed the training pool every N epochs
+    sampler_candidates: int = 30  # ddm / frd: random candidate batches per batch (Roth et al. 2020: 30)
     crop_scale_min: float = 0.08  # RandomResizedCrop area range (crop_scale_min, 1)
     flip: bool = True  # random horizontal flips
     eval_mode: str = "center_crop"  # "center_crop" (Resize(resize_size)+CenterCrop) or "resize"
@@ -114,6 +116,13 @@ class TrainConfig:
         return cls(**data)
 
 
+#: Batch samplers by name (``TrainConfig.sampler``): the label samplers ``random``,
+#: ``m_per_class`` and ``spc_r`` (:mod:`detreg_keras.data.sampling`) and the embedded
+#: samplers of Roth et al. 2020 (:data:`EMBEDDED_SAMPLERS`), which pick each batch from
+#: the current embeddings of the training images.
+EMBEDDED_SAMPLERS = ("greedy_coreset", "ddm", "frd")
+SAMPLERS = ("random", "m_per_class", "spc_r", *EMBEDDED_SAMPLERS)
+
 #: Fields added after run folders were first written, with the behaviour those
 #: older runs had (issue 13 added them and changed their defaults).
 LEGACY_DEFAULTS: dict[str, Any] = {"shift_bound": None, "head_input_norm": "none", "head_warmup_epochs": 0.0}
@@ -157,5 +166,15 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"eval_mode must be 'center_crop' or 'resize', got {cfg.eval_mode!r}.")
     if cfg.evaluate_on not in ("test", "val"):
         raise ValueError(f"evaluate_on must be 'test' or 'val', got {cfg.evaluate_on!r}.")
+    _check_sampler(cfg)
     if not 0.0 < cfg.crop_scale_min <= 1.0:
         raise ValueError(f"crop_scale_min must lie in (0, 1], got {cfg.crop_scale_min}.")
+
+
+def _check_sampler(cfg: TrainConfig) -> None:
+    """Refuses an unknown sampler name and non-positive sampler settings."""
+    if cfg.sampler not in SAMPLERS:
+        raise ValueError(f"Unknown sampler {cfg.sampler!r}; valid samplers: {', '.join(SAMPLERS)}.")
+    for name in ("samples_per_class", "sampler_refresh_epochs", "sampler_candidates"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}.")

@@ -1,25 +1,33 @@
-"""The input pipelines of a run: training batches and evaluation data from a split and a config."""
+"""The input pipelines of a run: training batches (and their sampler's callbacks) and evaluation data."""
 
 from __future__ import annotations
 
 import math
 import sys
-from typing import Any
+from typing import Any, NamedTuple
 
+import keras
 import numpy as np
 import tensorflow as tf
 
 from detreg_keras.data import (
+    DDMSampler,
     DecodeStats,
+    EmbeddingStore,
+    FRDSampler,
+    GreedyCoresetSampler,
     ImageRecords,
+    PoolEmbeddingRefresh,
     RandomSampler,
+    SPCRSampler,
     index_dataset,
     m_per_class_steps,
     make_eval_dataset,
     make_train_dataset,
 )
 from detreg_keras.data.registry import Source, source_labels
-from detreg_keras.training.config import TrainConfig
+from detreg_keras.data.sampling import Sampler
+from detreg_keras.training.config import SAMPLERS, TrainConfig
 
 
 def with_channels(ds: tf.data.Dataset, channels: int) -> tf.data.Dataset:
@@ -52,28 +60,105 @@ def make_array_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, 
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def make_training_data(
-    source: Source, cfg: TrainConfig, labels: np.ndarray | None = None, stats: DecodeStats | None = None
-) -> tuple[tf.data.Dataset, int]:
-    """The training pipeline of ``cfg`` and its number of batches per epoch.
+class TrainingInputs(NamedTuple):
+    """The training pipeline of a run and what ``fit`` needs with it.
 
-    Each new iteration of the returned dataset is the next epoch (a new order
-    and new augmentations), which :func:`run_training` uses to skip the epochs
-    already trained when a run resumes.
+    Attributes:
+        dataset: batches of ``(images, labels)``; each new iteration is the next epoch.
+        steps_per_epoch: batches per epoch.
+        callbacks: callbacks the sampler needs during ``fit`` (the embedded
+            samplers' :class:`~detreg_keras.data.PoolEmbeddingRefresh`), else empty.
+        reproducible: the batches are a function of the seed and the epoch
+            only, so a resumed run can skip to its epoch (:func:`skip_epochs`);
+            ``False`` for the embedded samplers, whose batches depend on the
+            stored embeddings.
+    """
+
+    dataset: tf.data.Dataset
+    steps_per_epoch: int
+    callbacks: tuple[keras.callbacks.Callback, ...] = ()
+    reproducible: bool = True
+
+
+#: ``TrainConfig.sampler`` name -> embedded sampler class (Roth et al. 2020).
+_EMBEDDED = {"greedy_coreset": GreedyCoresetSampler, "ddm": DDMSampler, "frd": FRDSampler}
+
+
+def make_training_inputs(
+    source: Source, cfg: TrainConfig, labels: np.ndarray | None = None, stats: DecodeStats | None = None
+) -> TrainingInputs:
+    """The training pipeline of ``cfg``, its batches per epoch and the callbacks its sampler needs.
+
+    Each new iteration of the dataset is the next epoch (a new order and new
+    augmentations), which :func:`run_training` uses to skip the epochs already
+    trained when a run resumes.
+
+    ``cfg.sampler``: ``random`` and ``m_per_class`` as in
+    :func:`~detreg_keras.data.make_train_dataset`; ``spc_r`` is
+    :class:`~detreg_keras.data.SPCRSampler`; ``greedy_coreset``, ``ddm`` and
+    ``frd`` are the embedded samplers (groups of ``cfg.samples_per_class``,
+    ``cfg.sampler_candidates`` candidates for DDM / FRD) over an
+    :class:`~detreg_keras.data.EmbeddingStore` that the returned
+    :class:`~detreg_keras.data.PoolEmbeddingRefresh` fills at train begin and
+    every ``cfg.sampler_refresh_epochs`` epochs, embedding every training image
+    with the evaluation transform (:func:`make_evaluation_data`), in label order.
 
     Args:
         source: the training split.
         cfg: batch size, sampler, image size, augmentation, seed.
         labels: ``source_labels(source)`` if already known (saves a pass over
             a tfds split).
+        stats: optional :class:`DecodeStats` counting unreadable training images.
+
+    Raises:
+        ValueError: for an empty split or a batch the sampler cannot fill.
     """
+    labels = source_labels(source) if labels is None else np.asarray(labels)
+    if labels.size == 0:
+        raise ValueError("The training set is empty: no images to train on.")
+    if cfg.sampler in ("random", "m_per_class"):
+        return TrainingInputs(*_label_sampler_data(source, cfg, labels, stats))
+    sampler, callbacks = _index_sampler(source, cfg, labels)
+    if isinstance(source, tuple):
+        x, y = (tf.constant(a) for a in (source[0].astype("float32"), source[1].astype("int32")))
+        order = index_dataset(sampler, with_seeds=False)
+        ds = order.map(lambda idx: (tf.gather(x, idx), tf.gather(y, idx))).prefetch(tf.data.AUTOTUNE)
+    else:
+        ds = make_train_dataset(
+            source, None, cfg.image_size, sampler=sampler, seed=cfg.seed,
+            scale=(cfg.crop_scale_min, 1.0), flip=cfg.flip, stats=stats,
+        )  # fmt: skip
+        ds = with_channels(ds, cfg.channels)
+    return TrainingInputs(ds, len(sampler), callbacks, reproducible=not callbacks)
+
+
+def make_training_data(
+    source: Source, cfg: TrainConfig, labels: np.ndarray | None = None, stats: DecodeStats | None = None
+) -> tuple[tf.data.Dataset, int]:
+    """``(dataset, steps_per_epoch)`` of :func:`make_training_inputs`, for samplers that need no callback.
+
+    Raises:
+        ValueError: for an embedded sampler (its dataset needs the
+            :class:`~detreg_keras.data.PoolEmbeddingRefresh` that only
+            :func:`make_training_inputs` returns).
+    """
+    if cfg.sampler in _EMBEDDED:
+        raise ValueError(
+            f"sampler={cfg.sampler!r} needs its pool-refresh callback during fit: "
+            "use make_training_inputs(...), which returns it in .callbacks."
+        )
+    inputs = make_training_inputs(source, cfg, labels, stats)
+    return inputs.dataset, inputs.steps_per_epoch
+
+
+def _label_sampler_data(
+    source: Source, cfg: TrainConfig, labels: np.ndarray, stats: DecodeStats | None
+) -> tuple[tf.data.Dataset, int]:
+    """``random`` / ``m_per_class`` batches (arrays: shuffled batches whatever the sampler)."""
     if isinstance(source, tuple):
         x, y = source
         steps = math.ceil(len(x) / cfg.batch_size)
         return make_array_dataset(x, y, cfg.batch_size, shuffle=True, seed=cfg.seed), steps
-    labels = source_labels(source) if labels is None else labels
-    if labels.size == 0:
-        raise ValueError("The training set is empty: no images to train on.")
     steps = _steps_per_epoch(labels, cfg)
     ds = make_train_dataset(
         source,
@@ -89,6 +174,28 @@ def make_training_data(
     return with_channels(ds, cfg.channels), steps
 
 
+def _index_sampler(
+    source: Source, cfg: TrainConfig, labels: np.ndarray
+) -> tuple[Sampler, tuple[keras.callbacks.Callback, ...]]:
+    """The ``spc_r`` or embedded sampler of ``cfg`` over ``labels`` and the callbacks it needs."""
+    if cfg.sampler == "spc_r":
+        return SPCRSampler(labels, cfg.batch_size, seed=cfg.seed), ()
+    if cfg.sampler not in _EMBEDDED:
+        raise ValueError(f"Unknown sampler {cfg.sampler!r}; valid samplers: {', '.join(SAMPLERS)}.")
+    store = EmbeddingStore(len(labels))
+    options = {} if cfg.sampler == "greedy_coreset" else {"num_candidates": cfg.sampler_candidates}
+    sampler = _EMBEDDED[cfg.sampler](
+        labels, cfg.batch_size, store, samples_per_class=cfg.samples_per_class, seed=cfg.seed, **options
+    )
+    pool = make_evaluation_data(source, cfg)[0]  # every training image, in label order, none dropped
+    if isinstance(pool, tuple):
+        pool = pool[0]
+    refresh = PoolEmbeddingRefresh(
+        store, pool, every_n_epochs=cfg.sampler_refresh_epochs, batch_size=cfg.eval_batch_size
+    )
+    return sampler, (refresh,)
+
+
 def _steps_per_epoch(labels: np.ndarray, cfg: TrainConfig) -> int:
     """Batches per epoch of ``cfg.sampler`` over ``labels`` (a clear error for a batch it cannot fill)."""
     if cfg.sampler == "m_per_class":
@@ -97,12 +204,10 @@ def _steps_per_epoch(labels: np.ndarray, cfg: TrainConfig) -> int:
                 f"batch_size={cfg.batch_size} must be a multiple of samples_per_class={cfg.samples_per_class}."
             )
         return m_per_class_steps(labels, cfg.batch_size // cfg.samples_per_class, cfg.samples_per_class)
-    if cfg.sampler == "random":
-        steps = len(labels) // cfg.batch_size
-        if steps == 0:
-            raise ValueError(f"batch_size={cfg.batch_size} is larger than the training set ({len(labels)} images).")
-        return steps
-    raise ValueError(f"sampler must be 'random' or 'm_per_class', got {cfg.sampler!r}.")
+    steps = len(labels) // cfg.batch_size
+    if steps == 0:
+        raise ValueError(f"batch_size={cfg.batch_size} is larger than the training set ({len(labels)} images).")
+    return steps
 
 
 def make_evaluation_data(

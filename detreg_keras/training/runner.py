@@ -32,7 +32,7 @@ from detreg_keras.training.config import TrainConfig, check_config
 from detreg_keras.training.inputs import (
     describe,
     make_evaluation_data,
-    make_training_data,
+    make_training_inputs,
     report_dropped,
     skip_epochs,
 )
@@ -90,7 +90,8 @@ def run_training(
     splits, validation = load_splits(cfg)
     train_labels = source_labels(splits.train)
     train_stats = DecodeStats()
-    train_ds, steps_per_epoch = make_training_data(splits.train, cfg, train_labels, train_stats)
+    inputs = make_training_inputs(splits.train, cfg, train_labels, train_stats)
+    train_ds, steps_per_epoch = inputs.dataset, inputs.steps_per_epoch
     if cfg.verbose:
         print(f"{method_label(cfg)} on {cfg.dataset}: training on {describe(splits.train, train_labels)}, "
               f"testing on {describe(splits.test)}", flush=True)  # fmt: skip
@@ -103,11 +104,17 @@ def run_training(
 
     done = backup_epoch(run_dir / "backup") if resume is not None else 0
     if done:
-        skip_epochs(train_ds, done)
+        if inputs.reproducible:  # embedded samplers' batches depend on the embeddings: nothing to replay
+            skip_epochs(train_ds, done)
         if cfg.verbose:
             print(f"Resuming {run_dir} after epoch {done}/{cfg.epochs}.")
     val_callback = _validation_callback(validation, cfg, run_dir, done)
-    fit_callbacks = [*callbacks, *([val_callback] if val_callback else []), *_run_folder_callbacks(cfg, run_dir)]
+    fit_callbacks = [
+        *callbacks,
+        *([val_callback] if val_callback else []),
+        *_run_folder_callbacks(cfg, run_dir),
+        *inputs.callbacks,  # after BackupAndRestore: a resumed run embeds its pool with the restored weights
+    ]
     with warnings.catch_warnings():
         # Pipelines over records have no known length until their first epoch ends; Keras
         # then warns that the input "ran out of data", which is how such an epoch ends.

@@ -362,3 +362,70 @@ def test_tf_dataset_sources():
     )
     for _, y in mpc.as_numpy_iterator():
         assert sorted(np.unique(y, return_counts=True)[1].tolist()) == [2, 2, 2]
+
+
+# ----------------------------------------------------------------------------- sampler objects
+
+
+def _indexed_records(n: int = 24, num_classes: int = 6) -> ImageRecords:
+    """Uniform grey images whose value is ``10 * index``: a batch's pixels name its examples."""
+    data = [_encode(np.full((10, 14), 10 * i, dtype=np.uint8)) for i in range(n)]
+    labels = np.arange(n) % num_classes
+    return ImageRecords(
+        paths=[f"x{i}" for i in range(n)],
+        labels=labels.astype(np.int64),
+        class_names=[str(c) for c in range(num_classes)],
+        data=data,
+    )
+
+
+def _batch_indices(images: np.ndarray) -> np.ndarray:
+    """Example indices of a batch of :func:`_indexed_records` images (crops of a uniform image)."""
+    return np.rint(images[:, 0, 0, 0] / 10.0).astype(np.int64)
+
+
+def test_train_dataset_takes_a_sampler_object():
+    from detreg_keras.data import SPCRSampler
+
+    records = _indexed_records()
+    ds = make_train_dataset(records, image_size=8, sampler=SPCRSampler(records.labels, 6, seed=3))
+    batches = list(ds.as_numpy_iterator())
+    expected = SPCRSampler(records.labels, 6, seed=3).epoch_indices(0)  # an independent sampler
+    assert len(batches) == len(expected) == 24 // 6
+    for (images, labels), rows in zip(batches, expected, strict=True):
+        assert images.shape == (6, 8, 8, 3)
+        np.testing.assert_array_equal(_batch_indices(images), rows)
+        np.testing.assert_array_equal(labels, records.labels[rows])
+    second = [_batch_indices(x) for x, _ in ds.as_numpy_iterator()]  # the next iteration: epoch 1
+    np.testing.assert_array_equal(np.stack(second), SPCRSampler(records.labels, 6, seed=3).epoch_indices(1))
+
+
+def test_train_dataset_plans_embedded_samplers_one_batch_at_a_time():
+    from detreg_keras.data import EmbeddingStore, GreedyCoresetSampler
+
+    records = _indexed_records()
+    store = EmbeddingStore(len(records))
+    store.update(np.random.default_rng(0).normal(size=(len(records), 4)))
+    sampler = GreedyCoresetSampler(records.labels, 4, store, pool_size=12, samples_per_class=2, seed=1)
+    reference = GreedyCoresetSampler(records.labels, 4, store, pool_size=12, samples_per_class=2, seed=1)
+    batches = [_batch_indices(x) for x, _ in make_train_dataset(records, None, 8, sampler=sampler)]
+    assert len(batches) == len(sampler) == 6
+    for step, rows in enumerate(batches):
+        np.testing.assert_array_equal(rows, reference.batch_indices(0, step))
+
+
+def test_train_dataset_sampler_object_errors():
+    from detreg_keras.data import SPCRSampler
+
+    records = _indexed_records()
+    sampler = SPCRSampler(records.labels, 6)
+    with pytest.raises(ValueError, match="differs from the sampler's batch_size=6"):
+        make_train_dataset(records, 8, 8, sampler=sampler)
+    with pytest.raises(ValueError, match="only apply to sampler='m_per_class'"):
+        make_train_dataset(records, None, 8, sampler=sampler, samples_per_class=2)
+    with pytest.raises(ValueError, match="indexes 12 examples but the source holds 24"):
+        make_train_dataset(records, None, 8, sampler=SPCRSampler(records.labels[:12], 6))
+    with pytest.raises(TypeError, match="got list"):
+        make_train_dataset(records, 6, 8, sampler=[1, 2])
+    with pytest.raises(ValueError, match="'random', 'm_per_class' or an index sampler object"):
+        make_train_dataset(records, 6, 8, sampler="spc_r")
