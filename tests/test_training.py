@@ -12,6 +12,8 @@ import pytest
 
 from detreg_keras.cli import train as train_cli
 from detreg_keras.data import load_omniglot_split
+from detreg_keras.data.registry import source_class_names
+from detreg_keras.language import hashed_ngram_embeddings
 from detreg_keras.training import (
     DATASETS,
     PRESETS,
@@ -544,3 +546,30 @@ def test_loss_config_reaches_the_model(tmp_path):
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).loss_config == cfg.loss_config
     with pytest.raises(SystemExit):
         train_cli.parse_args(["--loss-config", "[1, 2]"])
+
+
+def test_language_guidance_gets_the_training_class_names(tmp_path):
+    """loss="language_guidance": the runner hands the split's class names to the loss, in label order."""
+    records = load_omniglot_split("train").to_records().select_classes([5, 2, 9])
+    cfg = tiny(tmp_path, loss="language_guidance", loss_config={"loss": "proxy_anchor", "weight": 2.0})
+    model = build_model(cfg, num_classes=3, class_names=source_class_names(records))
+    assert model.loss_min.class_names == records.class_names
+    np.testing.assert_allclose(model.loss_min.table @ model.loss_min.table.T, _cosines(records.class_names), atol=1e-6)
+    assert model.loss_min.has_proxies and model.loss_min.weight == 2.0
+    with pytest.raises(ValueError, match="dataset 'digits' gives none; pass them as loss_config"):
+        run_training(cfg)  # the digits arrays name no classes
+
+
+def test_language_guidance_trains_on_digits_with_given_embeddings(tmp_path):
+    table = np.random.default_rng(0).normal(size=(5, 4)).tolist()
+    config = {"loss": "multi_similarity", "class_embeddings": table}
+    cfg = tiny(tmp_path, epochs=1, loss="language_guidance", loss_config=config)
+    result = run_training(cfg)
+    assert np.isfinite(result["metrics"]["recall@1"])
+    rows = read_history(result["run_dir"])
+    assert np.isfinite(rows[-1]["loss"])
+
+
+def _cosines(names):
+    table = hashed_ngram_embeddings(names)
+    return table @ table.T

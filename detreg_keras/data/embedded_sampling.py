@@ -38,14 +38,17 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
+
+if TYPE_CHECKING:  # typing.Unpack is Python >= 3.11; annotations are strings here
+    from typing_extensions import Unpack
 
 import keras
 import numpy as np
 import tensorflow as tf
 from threadpoolctl import ThreadpoolController
 
-from detreg_keras.data.sampling import check_steps, class_members
+from detreg_keras.data.sampling import check_class_count, check_steps, class_groups, class_members
 
 __all__ = [
     "DDMSampler",
@@ -406,9 +409,25 @@ def _blas_threads() -> ThreadpoolController:
     return _CONTROLLER[0]
 
 
+def _check_at_least_one(value: int, name: str) -> int:
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}.")
+    return int(value)
+
+
+class SamplerOptions(TypedDict, total=False):
+    """The keyword arguments every embedded sampler takes (see :class:`_EmbeddedSampler`)."""
+
+    samples_per_class: int
+    seed: int
+    steps_per_epoch: int | None
+
 
 class _EmbeddedSampler:
     """Shared part of the embedded samplers: groups, store snapshots, timing.
+
+    Every sampler takes ``(labels, batch_size, store, <its own options>, **options)``
+    with the keyword ``options`` of :class:`SamplerOptions` (the last three arguments below).
 
     Args:
         labels: integer label of each example (the store's rows, in order).
@@ -434,18 +453,13 @@ class _EmbeddedSampler:
             raise ValueError(
                 f"the store holds {store.num_examples} rows but there are {self.num_examples} labels."
             )
-        if samples_per_class < 1 or batch_size < 2 or batch_size % samples_per_class:
-            raise ValueError(
-                f"batch_size={batch_size} must be >= 2 and a multiple of "
-                f"samples_per_class={samples_per_class} (>= 1)."
-            )
+        self.groups = class_groups(batch_size, samples_per_class, min_batch_size=2)
         if batch_size > self.num_examples:
             raise ValueError(
                 f"batch_size={batch_size} is larger than the {self.num_examples} examples."
             )
         self.batch_size = int(batch_size)
         self.samples_per_class = int(samples_per_class)
-        self.groups = self.batch_size // self.samples_per_class
         self.store = store
         self.seed = int(seed)
         self.steps_per_epoch = check_steps(steps_per_epoch, self.num_examples // self.batch_size)
@@ -518,12 +532,8 @@ class _EmbeddedSampler:
         return np.concatenate([self._group(a, rng) for a in anchors])
 
     def _check_classes(self) -> None:
-        if self.samples_per_class > 1 and len(self._members) < self.groups:
-            raise ValueError(
-                f"{type(self).__name__} draws batches of {self.groups} distinct classes x "
-                f"{self.samples_per_class}, but the labels hold only {len(self._members)} classes; "
-                "use a smaller batch_size or a larger samples_per_class."
-            )
+        if self.samples_per_class > 1:
+            check_class_count(len(self._members), self.groups, self.samples_per_class, type(self).__name__)
 
 
 class GreedyCoresetSampler(_EmbeddedSampler):
@@ -539,9 +549,7 @@ class GreedyCoresetSampler(_EmbeddedSampler):
         store: the pool embeddings.
         pool_size: random candidates per batch (the paper's code: 512), at
             least ``P``; clipped to the number of examples.
-        samples_per_class: ``m``.
-        seed: base seed.
-        steps_per_epoch: batches per epoch.
+        **options: ``samples_per_class``, ``seed``, ``steps_per_epoch`` (:class:`_EmbeddedSampler`).
     """
 
     def __init__(
@@ -550,11 +558,9 @@ class GreedyCoresetSampler(_EmbeddedSampler):
         batch_size: int,
         store: EmbeddingStore,
         pool_size: int = 512,
-        samples_per_class: int = 1,
-        seed: int = 0,
-        steps_per_epoch: int | None = None,
+        **options: Unpack[SamplerOptions],
     ) -> None:
-        super().__init__(labels, batch_size, store, samples_per_class, seed, steps_per_epoch)
+        super().__init__(labels, batch_size, store, **options)
         self.pool_size = min(int(pool_size), self.num_examples)
         if self.pool_size < self.groups:
             raise ValueError(
@@ -568,7 +574,15 @@ class GreedyCoresetSampler(_EmbeddedSampler):
 
 
 class _MatchingSampler(_EmbeddedSampler):
-    """Best of ``num_candidates`` random batches by a cost against the whole stored pool."""
+    """Best of ``num_candidates`` random batches by a cost against the whole stored pool.
+
+    Args:
+        labels: integer label of each example.
+        batch_size: examples per batch.
+        store: the pool embeddings.
+        num_candidates: random candidate batches per batch (the paper's code: 30).
+        **options: ``samples_per_class``, ``seed``, ``steps_per_epoch`` (:class:`_EmbeddedSampler`).
+    """
 
     def __init__(
         self,
@@ -576,14 +590,10 @@ class _MatchingSampler(_EmbeddedSampler):
         batch_size: int,
         store: EmbeddingStore,
         num_candidates: int = 30,
-        samples_per_class: int = 1,
-        seed: int = 0,
-        steps_per_epoch: int | None = None,
+        **options: Unpack[SamplerOptions],
     ) -> None:
-        super().__init__(labels, batch_size, store, samples_per_class, seed, steps_per_epoch)
-        if num_candidates < 1:
-            raise ValueError(f"num_candidates must be >= 1, got {num_candidates}.")
-        self.num_candidates = int(num_candidates)
+        super().__init__(labels, batch_size, store, **options)
+        self.num_candidates = _check_at_least_one(num_candidates, "num_candidates")
         self._check_classes()
 
     def _costs(self, candidates: list[np.ndarray], reference: Any) -> np.ndarray:
@@ -603,14 +613,8 @@ class DDMSampler(_MatchingSampler):
     stored pool (computed once per store version: ``O(n^2 d)``).
 
     Args:
-        labels: integer label of each example.
-        batch_size: examples per batch.
-        store: the pool embeddings.
-        num_candidates: ``m`` random candidate batches per batch (the paper's code: 30).
-        samples_per_class: examples per class group in a candidate.
-        seed: base seed.
-        steps_per_epoch: batches per epoch.
-        bins: histogram bins.
+        labels, batch_size, store, num_candidates, **options: as :class:`_MatchingSampler`.
+        bins: histogram bins (50).
     """
 
     def __init__(
@@ -619,17 +623,11 @@ class DDMSampler(_MatchingSampler):
         batch_size: int,
         store: EmbeddingStore,
         num_candidates: int = 30,
-        samples_per_class: int = 1,
-        seed: int = 0,
-        steps_per_epoch: int | None = None,
         bins: int = 50,
+        **options: Unpack[SamplerOptions],
     ) -> None:
-        super().__init__(
-            labels, batch_size, store, num_candidates, samples_per_class, seed, steps_per_epoch
-        )
-        if bins < 1:
-            raise ValueError(f"bins must be >= 1, got {bins}.")
-        self.bins = int(bins)
+        super().__init__(labels, batch_size, store, num_candidates, **options)
+        self.bins = _check_at_least_one(bins, "bins")
 
     def _pool_statistics(self, pool: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return distance_histogram(pool, self.bins)
@@ -646,13 +644,7 @@ class FRDSampler(_MatchingSampler):
     covariance square root computed once per store version).
 
     Args:
-        labels: integer label of each example.
-        batch_size: examples per batch.
-        store: the pool embeddings.
-        num_candidates: ``m`` random candidate batches per batch.
-        samples_per_class: examples per class group in a candidate.
-        seed: base seed.
-        steps_per_epoch: batches per epoch.
+        labels, batch_size, store, num_candidates, **options: as :class:`_MatchingSampler`.
     """
 
     def _pool_statistics(self, pool: np.ndarray) -> GaussianStats:

@@ -179,6 +179,15 @@ def random_resized_crop_box(
     return top, left, crop_h, crop_w
 
 
+def random_resized_crop(
+    image: tf.Tensor, seed: tf.Tensor, scale: tuple[float, float], ratio: tuple[float, float]
+) -> tf.Tensor:
+    """The crop :func:`random_resized_crop_box` draws for seed ``seed`` out of an ``[H, W, 3]`` image."""
+    shape = tf.shape(image)
+    top, left, h, w = random_resized_crop_box(shape[0], shape[1], seed, scale, ratio)
+    return tf.slice(image, tf.stack([top, left, 0]), tf.stack([h, w, 3]))
+
+
 def _seeds(seed: tf.Tensor | None) -> tuple[tf.Tensor, tf.Tensor]:
     if seed is None:
         seed = tf.random.uniform([2], maxval=_SEED_MAX, dtype=tf.int64)
@@ -225,10 +234,7 @@ def train_transform(
     """
     size = _hw(image_size)
     crop_seed, flip_seed = _seeds(seed)
-    image = ensure_rgb(tf.convert_to_tensor(image))
-    shape = tf.shape(image)
-    top, left, h, w = random_resized_crop_box(shape[0], shape[1], crop_seed, scale, ratio)
-    crop = tf.slice(image, tf.stack([top, left, 0]), tf.stack([h, w, 3]))
+    crop = random_resized_crop(ensure_rgb(tf.convert_to_tensor(image)), crop_seed, scale, ratio)
     return _finish_train(crop, size, flip, flip_seed)
 
 
@@ -252,10 +258,7 @@ def decode_train_transform(
         return tf.image.decode_and_crop_jpeg(data, tf.stack(box), channels=3)
 
     def other() -> tf.Tensor:
-        image = decode_image(data)
-        shape = tf.shape(image)
-        top, left, h, w = random_resized_crop_box(shape[0], shape[1], crop_seed, scale, ratio)
-        return tf.slice(image, tf.stack([top, left, 0]), tf.stack([h, w, 3]))
+        return random_resized_crop(decode_image(data), crop_seed, scale, ratio)
 
     crop = tf.cond(tf.io.is_jpeg(data), jpeg, other)
     crop.set_shape([None, None, 3])

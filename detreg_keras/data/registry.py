@@ -171,6 +171,11 @@ def source_labels(source: Source) -> np.ndarray:
     return np.asarray(source[1])
 
 
+def source_class_names(source: Source) -> list[str] | None:
+    """The class names of a split in label order (records name their classes; arrays and tf.data do not)."""
+    return list(source.class_names) if isinstance(source, ImageRecords) else None
+
+
 def select_classes(source: Source, class_ids: Iterable[int], labels: np.ndarray | None = None) -> Source:
     """The examples of ``class_ids``, relabelled ``0..len(class_ids)-1`` in that order."""
     ids = [int(c) for c in class_ids]

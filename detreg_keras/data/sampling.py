@@ -68,6 +68,34 @@ def class_members(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[np.n
     return classes, inverse, np.split(order, np.cumsum(counts)[:-1])
 
 
+def class_groups(batch_size: int, samples_per_class: int, min_batch_size: int = 1) -> int:
+    """``P = batch_size / m``, the class groups of a batch, checked.
+
+    Raises:
+        ValueError: ``m < 1``, ``batch_size < min_batch_size`` or ``batch_size`` not a multiple of ``m``.
+    """
+    if samples_per_class < 1 or batch_size < min_batch_size or batch_size % samples_per_class:
+        raise ValueError(
+            f"batch_size={batch_size} must be >= {min_batch_size} and a multiple of "
+            f"samples_per_class={samples_per_class} (>= 1)."
+        )
+    return batch_size // samples_per_class
+
+
+def check_class_count(num_classes: int, classes_per_batch: int, samples_per_class: int, who: str) -> None:
+    """Checks that the labels hold the ``classes_per_batch`` distinct classes a batch draws.
+
+    Raises:
+        ValueError: fewer classes than ``classes_per_batch`` (the message names ``who``).
+    """
+    if num_classes < classes_per_batch:
+        raise ValueError(
+            f"{who} needs at least classes_per_batch={classes_per_batch} classes (batches of "
+            f"{classes_per_batch} distinct classes x {samples_per_class}), but the labels hold only "
+            f"{num_classes} classes; use a smaller batch_size or a larger samples_per_class."
+        )
+
+
 class MPerClassSampler:
     """Class-balanced batches of ``classes_per_batch`` x ``samples_per_class``.
 
@@ -93,11 +121,7 @@ class MPerClassSampler:
             raise ValueError("classes_per_batch and samples_per_class must be >= 1.")
         labels = np.asarray(labels, dtype=np.int64).reshape(-1)
         self.classes, _, self._members = class_members(labels)
-        if len(self.classes) < classes_per_batch:
-            raise ValueError(
-                f"m-per-class sampling needs at least classes_per_batch={classes_per_batch} "
-                f"classes, but the labels hold {len(self.classes)}."
-            )
+        check_class_count(len(self.classes), classes_per_batch, samples_per_class, "m-per-class sampling")
         counts = np.array([len(m) for m in self._members])
         self.classes_per_batch = int(classes_per_batch)
         self.samples_per_class = int(samples_per_class)

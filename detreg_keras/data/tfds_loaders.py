@@ -34,7 +34,10 @@ import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
+
+if TYPE_CHECKING:  # typing.Unpack is Python >= 3.11; annotations are strings here
+    from typing_extensions import Unpack
 
 import numpy as np
 
@@ -125,17 +128,55 @@ def _select(ds, label_key: str, label_map: LabelMap, remap: bool, size: int, dec
     return ds.filter(keep).map(to_pair, num_parallel_calls=tf.data.AUTOTUNE)
 
 
+class TfdsOptions(TypedDict, total=False):
+    """Keyword arguments of every tfds loader (see :func:`load_cub200`)."""
+
+    remap_test: bool
+    decode: bool
+    download: bool
+    shuffle_files: bool
+
+
+class ClassSplitOptions(TfdsOptions, total=False):
+    """Keyword arguments of the loaders that choose their own class split (CUB-200, Cars196)."""
+
+    train_classes: Iterable[int] | None
+    test_classes: Iterable[int] | None
+
+
+def _dml_datasets(
+    name: str,
+    train: Any,
+    test: Any,
+    label_key: str,
+    maps: tuple[LabelMap, LabelMap],
+    num_classes: int,
+    remap_test: bool,
+    decode: bool,
+) -> DMLDatasets:
+    """:class:`DMLDatasets` of the ``maps = (train_map, test_map)`` classes of the ``train`` / ``test`` examples."""
+    train_map, test_map = maps
+    return DMLDatasets(
+        train=_select(train, label_key, train_map, True, num_classes, decode),
+        test=_select(test, label_key, test_map, remap_test, num_classes, decode),
+        train_classes=train_map,
+        test_classes=test_map,
+        name=name,
+    )
+
+
 def _load_union_split(
     name: str,
     num_classes: int,
     default_train: int,
     data_dir: str | None,
-    train_classes: Iterable[int] | None,
-    test_classes: Iterable[int] | None,
-    remap_test: bool,
-    decode: bool,
-    download: bool,
-    shuffle_files: bool,
+    *,
+    train_classes: Iterable[int] | None = None,
+    test_classes: Iterable[int] | None = None,
+    remap_test: bool = False,
+    decode: bool = True,
+    download: bool = False,
+    shuffle_files: bool = False,
 ) -> DMLDatasets:
     train_ids = (
         list(range(default_train)) if train_classes is None else [int(c) for c in train_classes]
@@ -160,25 +201,10 @@ def _load_union_split(
     both = _read_split(builder, "train", "label", shuffle_files).concatenate(
         _read_split(builder, "test", "label", shuffle_files)
     )
-    return DMLDatasets(
-        train=_select(both, "label", train_map, True, num_classes, decode),
-        test=_select(both, "label", test_map, remap_test, num_classes, decode),
-        train_classes=train_map,
-        test_classes=test_map,
-        name=name,
-    )
+    return _dml_datasets(name, both, both, "label", (train_map, test_map), num_classes, remap_test, decode)
 
 
-def load_cub200(
-    data_dir: str | None = None,
-    *,
-    train_classes: Iterable[int] | None = None,
-    test_classes: Iterable[int] | None = None,
-    remap_test: bool = False,
-    decode: bool = True,
-    download: bool = False,
-    shuffle_files: bool = False,
-) -> DMLDatasets:
+def load_cub200(data_dir: str | None = None, **options: Unpack[ClassSplitOptions]) -> DMLDatasets:
     """CUB-200-2011 (tfds ``caltech_birds2011``), DML split 0-99 / 100-199.
 
     Both tfds splits (5,994 + 5,794 images) are concatenated before the
@@ -187,13 +213,14 @@ def load_cub200(
 
     Args:
         data_dir: tfds data directory (``None``: tfds' default).
-        train_classes: training class ids (default ``0..99``), in the order
-            of their new labels.
-        test_classes: test class ids (default: all the others).
-        remap_test: also relabel the test classes to ``0..C_test-1``.
-        decode: ``False`` yields the encoded JPEG bytes instead of pixels.
-        download: run ``download_and_prepare`` first.
-        shuffle_files: forwarded to tfds (file order only).
+        **options: keyword-only (:class:`ClassSplitOptions`):
+            ``train_classes``, training class ids (default ``0..99``), in the
+            order of their new labels; ``test_classes``, test class ids
+            (default: all the others); ``remap_test`` (False), also relabel
+            the test classes to ``0..C_test-1``; ``decode`` (True), ``False``
+            yields the encoded JPEG bytes instead of pixels; ``download``
+            (False), run ``download_and_prepare`` first; ``shuffle_files``
+            (False), forwarded to tfds (file order only).
 
     Returns:
         :class:`DMLDatasets`.
@@ -202,22 +229,10 @@ def load_cub200(
         FileNotFoundError: if the dataset is not prepared and
             ``download=False``.
     """
-    return _load_union_split(
-        "caltech_birds2011", CUB200_NUM_CLASSES, 100, data_dir, train_classes,
-        test_classes, remap_test, decode, download, shuffle_files,
-    )  # fmt: skip
+    return _load_union_split("caltech_birds2011", CUB200_NUM_CLASSES, 100, data_dir, **options)
 
 
-def load_cars196(
-    data_dir: str | None = None,
-    *,
-    train_classes: Iterable[int] | None = None,
-    test_classes: Iterable[int] | None = None,
-    remap_test: bool = False,
-    decode: bool = True,
-    download: bool = False,
-    shuffle_files: bool = False,
-) -> DMLDatasets:
+def load_cars196(data_dir: str | None = None, **options: Unpack[ClassSplitOptions]) -> DMLDatasets:
     """Cars196 (tfds ``cars196``), DML split 0-97 / 98-195.
 
     Both tfds splits (8,144 + 8,041 images) are concatenated before the
@@ -225,10 +240,7 @@ def load_cars196(
     data). Arguments as in :func:`load_cub200` (default training classes
     ``0..97``).
     """
-    return _load_union_split(
-        "cars196", CARS196_NUM_CLASSES, 98, data_dir, train_classes,
-        test_classes, remap_test, decode, download, shuffle_files,
-    )  # fmt: skip
+    return _load_union_split("cars196", CARS196_NUM_CLASSES, 98, data_dir, **options)
 
 
 def load_sop(
@@ -250,7 +262,7 @@ def load_sop(
     lies outside its split's official range are dropped (none in the real
     data).
 
-    Args: as in :func:`load_cub200`, without class choices.
+    Args: as in :func:`load_cub200`, without class choices (:class:`TfdsOptions`).
 
     Returns:
         :class:`DMLDatasets`.
@@ -260,12 +272,9 @@ def load_sop(
     builder = _builder("stanford_online_products", data_dir, download)
     train = _read_split(builder, "train", "class_id", shuffle_files)
     test = _read_split(builder, "test", "class_id", shuffle_files)
-    return DMLDatasets(
-        train=_select(train, "class_id", train_map, True, SOP_NUM_CLASSES, decode),
-        test=_select(test, "class_id", test_map, remap_test, SOP_NUM_CLASSES, decode),
-        train_classes=train_map,
-        test_classes=test_map,
-        name="stanford_online_products",
+    maps = (train_map, test_map)
+    return _dml_datasets(
+        "stanford_online_products", train, test, "class_id", maps, SOP_NUM_CLASSES, remap_test, decode
     )
 
 

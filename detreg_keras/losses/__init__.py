@@ -13,6 +13,7 @@ from detreg_keras.losses.base import DMLLoss
 from detreg_keras.losses.circle import CircleLoss, circle_loss
 from detreg_keras.losses.contrastive import ContrastiveLoss, contrastive_loss
 from detreg_keras.losses.direction import DirectionRegularizedTripletLoss, direction_regularized_triplet_loss
+from detreg_keras.losses.language_guidance import LanguageGuidedLoss, language_guidance_loss
 from detreg_keras.losses.lifted import LiftedStructureLoss, lifted_structure_loss
 from detreg_keras.losses.margin import MarginLoss, margin_loss
 from detreg_keras.losses.margin_softmax import (
@@ -58,6 +59,7 @@ LOSSES: dict[str, Callable[..., DMLLoss]] = {
     "arcface": ArcFaceLoss,
     # wrapper: a pair loss over the batch and a queue of past embeddings
     "xbm": CrossBatchMemory,
+    "language_guidance": LanguageGuidedLoss,
 }
 
 
@@ -86,6 +88,8 @@ def get(loss_name: str, num_classes: int | None = None, embedding_dim: int | Non
 
 __all__ = [
     "LOSSES",
+    "LanguageGuidedLoss",
+    "language_guidance_loss",
     "ArcFaceLoss",
     "CircleLoss",
     "ContrastiveLoss",

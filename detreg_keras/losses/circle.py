@@ -24,6 +24,36 @@ from detreg_keras.losses import _pairs
 from detreg_keras.losses.base import DMLLoss
 
 
+def circle_loss_from_masks(
+    sim: tf.Tensor, pos_mask: tf.Tensor, neg_mask: tf.Tensor, margin: float = 0.4, gamma: float = 80.0
+) -> tf.Tensor:
+    """Circle loss from a similarity matrix and its positive / negative pair masks.
+
+    The building block shared by :func:`circle_loss` (the batch against itself)
+    and cross-batch memory (:mod:`detreg_keras.losses.xbm`, the batch against
+    batch and memory); row ``i`` is anchor ``i``.
+
+    Args:
+        sim: ``[Q, K]`` cosine similarities.
+        pos_mask: ``[Q, K]`` boolean, the positive pairs.
+        neg_mask: ``[Q, K]`` boolean, the negative pairs.
+        margin: relaxation ``m``.
+        gamma: scale γ.
+
+    Returns:
+        Scalar loss averaged over the anchors with a positive and a negative (0 when none has).
+    """
+    plain = tf.stop_gradient(sim)
+    alpha_p = tf.nn.relu(1.0 + margin - plain)
+    alpha_n = tf.nn.relu(plain + margin)
+    logit_p = -gamma * alpha_p * (sim - (1.0 - margin))
+    logit_n = gamma * alpha_n * (sim - margin)
+    lse_p = _pairs.masked_logsumexp(logit_p, pos_mask, axis=1)
+    lse_n = _pairs.masked_logsumexp(logit_n, neg_mask, axis=1)
+    valid = tf.logical_and(tf.reduce_any(pos_mask, axis=1), tf.reduce_any(neg_mask, axis=1))
+    return _pairs.masked_mean(tf.nn.softplus(lse_p + lse_n), valid)
+
+
 def circle_loss(embeddings: tf.Tensor, labels: tf.Tensor, margin: float = 0.4, gamma: float = 80.0) -> tf.Tensor:
     """Circle loss of a batch (see the module docstring).
 
@@ -37,18 +67,13 @@ def circle_loss(embeddings: tf.Tensor, labels: tf.Tensor, margin: float = 0.4, g
         Scalar loss (0 when no anchor has both a positive and a negative).
     """
     labels = _pairs.flat_labels(labels)
-    sim = _pairs.cosine_similarity_matrix(embeddings)
-    pos = _pairs.positive_mask(labels)
-    neg = _pairs.negative_mask(labels)
-    plain = tf.stop_gradient(sim)
-    alpha_p = tf.nn.relu(1.0 + margin - plain)
-    alpha_n = tf.nn.relu(plain + margin)
-    logit_p = -gamma * alpha_p * (sim - (1.0 - margin))
-    logit_n = gamma * alpha_n * (sim - margin)
-    lse_p = _pairs.masked_logsumexp(logit_p, pos, axis=1)
-    lse_n = _pairs.masked_logsumexp(logit_n, neg, axis=1)
-    valid = tf.logical_and(tf.reduce_any(pos, axis=1), tf.reduce_any(neg, axis=1))
-    return _pairs.masked_mean(tf.nn.softplus(lse_p + lse_n), valid)
+    return circle_loss_from_masks(
+        _pairs.cosine_similarity_matrix(embeddings),
+        _pairs.positive_mask(labels),
+        _pairs.negative_mask(labels),
+        margin=margin,
+        gamma=gamma,
+    )
 
 
 @keras.saving.register_keras_serializable(package="detreg_keras")

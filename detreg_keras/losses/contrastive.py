@@ -23,6 +23,39 @@ from detreg_keras.losses import _pairs
 from detreg_keras.losses.base import DMLLoss
 
 
+def contrastive_loss_from_masks(
+    dist: tf.Tensor,
+    pos_mask: tf.Tensor,
+    neg_mask: tf.Tensor,
+    pos_margin: float = 0.0,
+    neg_margin: float = 1.0,
+    power: float = 1.0,
+) -> tf.Tensor:
+    """Contrastive loss from a distance matrix and its positive / negative pair masks.
+
+    The building block shared by :func:`contrastive_loss` (the batch against
+    itself) and cross-batch memory (:mod:`detreg_keras.losses.xbm`, the batch
+    against batch and memory).
+
+    Args:
+        dist: ``[Q, K]`` distances ``d_ij``.
+        pos_mask: ``[Q, K]`` boolean, the positive pairs ``P``.
+        neg_mask: ``[Q, K]`` boolean, the negative pairs ``N``.
+        pos_margin: ``m⁺``.
+        neg_margin: ``m⁻``.
+        power: hinge exponent ``p``.
+
+    Returns:
+        Scalar loss; 0 without any active pair.
+    """
+    pos_loss = tf.nn.relu(dist - pos_margin)
+    neg_loss = tf.nn.relu(neg_margin - dist)
+    if power != 1.0:
+        pos_loss = tf.pow(pos_loss, power)
+        neg_loss = tf.pow(neg_loss, power)
+    return _pairs.mean_over_nonzero(pos_loss, pos_mask) + _pairs.mean_over_nonzero(neg_loss, neg_mask)
+
+
 def contrastive_loss(
     embeddings: tf.Tensor,
     labels: tf.Tensor,
@@ -43,15 +76,14 @@ def contrastive_loss(
         Scalar loss; 0 for a batch without any active pair.
     """
     labels = _pairs.flat_labels(labels)
-    dist = _pairs.pairwise_distance(embeddings)
-    pos_loss = tf.nn.relu(dist - pos_margin)
-    neg_loss = tf.nn.relu(neg_margin - dist)
-    if power != 1.0:
-        pos_loss = tf.pow(pos_loss, power)
-        neg_loss = tf.pow(neg_loss, power)
-    pos_term = _pairs.mean_over_nonzero(pos_loss, _pairs.positive_mask(labels))
-    neg_term = _pairs.mean_over_nonzero(neg_loss, _pairs.negative_mask(labels))
-    return pos_term + neg_term
+    return contrastive_loss_from_masks(
+        _pairs.pairwise_distance(embeddings),
+        _pairs.positive_mask(labels),
+        _pairs.negative_mask(labels),
+        pos_margin=pos_margin,
+        neg_margin=neg_margin,
+        power=power,
+    )
 
 
 @keras.saving.register_keras_serializable(package="detreg_keras")

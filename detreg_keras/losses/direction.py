@@ -34,7 +34,7 @@ import tensorflow as tf
 
 from detreg_keras.losses import _pairs
 from detreg_keras.losses.base import DMLLoss
-from detreg_keras.losses.triplet import MINING_STRATEGIES, triplet_loss_from_masks
+from detreg_keras.losses.triplet import triplet_hyper, triplet_margin_loss
 
 
 def direction_cosines(embeddings: tf.Tensor) -> tf.Tensor:
@@ -79,17 +79,8 @@ def direction_regularized_triplet_loss(
     Note:
         Materialises ``[B, B, B]`` tensors for every mining (67 MB each at ``B = 256``).
     """
-    labels = _pairs.flat_labels(labels)
-    dist = _pairs.pairwise_distance(embeddings, squared=squared)
     penalty = gamma * tf.abs(direction_cosines(embeddings)) if gamma else None
-    return triplet_loss_from_masks(
-        dist,
-        _pairs.positive_mask(labels),
-        _pairs.negative_mask(labels),
-        margin=margin,
-        mining=mining,
-        triplet_penalty=penalty,
-    )
+    return triplet_margin_loss(embeddings, labels, margin, mining, squared, triplet_penalty=penalty)
 
 
 @keras.saving.register_keras_serializable(package="detreg_keras")
@@ -119,9 +110,7 @@ class DirectionRegularizedTripletLoss(DMLLoss):
         squared: bool = False,
         **kwargs,
     ):
-        if mining not in MINING_STRATEGIES:
-            raise ValueError(f"mining must be one of {MINING_STRATEGIES}, got {mining!r}.")
         if float(gamma) < 0:
             raise ValueError(f"gamma (direction-regulariser weight) must be >= 0, got {gamma!r}.")
-        hyper = {"margin": float(margin), "gamma": float(gamma), "mining": str(mining), "squared": bool(squared)}
+        hyper = {**triplet_hyper(margin, mining, squared), "gamma": float(gamma)}
         super().__init__(num_classes=num_classes, embedding_dim=embedding_dim, hyper=hyper, **kwargs)

@@ -27,6 +27,48 @@ from detreg_keras.losses import _pairs
 from detreg_keras.losses.base import DMLLoss
 
 
+def multi_similarity_loss_from_masks(
+    sim: tf.Tensor,
+    pos_mask: tf.Tensor,
+    neg_mask: tf.Tensor,
+    alpha: float = 2.0,
+    beta: float = 50.0,
+    base: float = 0.5,
+    epsilon: float | None = 0.1,
+) -> tf.Tensor:
+    """Multi-similarity loss with MS pair mining from a similarity matrix and its pair masks.
+
+    The building block shared by :func:`multi_similarity_loss` (the batch
+    against itself) and cross-batch memory (:mod:`detreg_keras.losses.xbm`,
+    the batch against batch and memory): row ``i`` is anchor ``i``, the mining
+    compares it with its hardest pair of the other kind among the columns.
+
+    Args:
+        sim: ``[Q, K]`` cosine similarities ``S_ik``.
+        pos_mask: ``[Q, K]`` boolean, the positive pairs ``P_i``.
+        neg_mask: ``[Q, K]`` boolean, the negative pairs ``N_i``.
+        alpha: α.
+        beta: β.
+        base: λ.
+        epsilon: ε of the pair mining; ``None`` keeps all pairs.
+
+    Returns:
+        Scalar loss, the sum over the anchors with mined pairs divided by ``Q``.
+    """
+    pos, neg = pos_mask, neg_mask
+    if epsilon is not None:
+        plain = tf.stop_gradient(sim)
+        min_pos = tf.reduce_min(tf.where(pos, plain, tf.fill(tf.shape(plain), plain.dtype.max)), axis=1)
+        max_neg = tf.reduce_max(tf.where(neg, plain, tf.fill(tf.shape(plain), plain.dtype.min)), axis=1)
+        neg = tf.logical_and(neg, plain + epsilon > min_pos[:, None])
+        pos = tf.logical_and(pos, plain - epsilon < max_neg[:, None])
+    pos_term = _pairs.masked_logsumexp(-alpha * (sim - base), pos, axis=1, add_one=True) / alpha
+    neg_term = _pairs.masked_logsumexp(beta * (sim - base), neg, axis=1, add_one=True) / beta
+    valid = tf.logical_and(tf.reduce_any(pos, axis=1), tf.reduce_any(neg, axis=1))
+    per_anchor = tf.where(valid, pos_term + neg_term, tf.zeros_like(pos_term))
+    return tf.reduce_sum(per_anchor) / tf.cast(tf.shape(sim)[0], tf.float32)
+
+
 def multi_similarity_loss(
     embeddings: tf.Tensor,
     labels: tf.Tensor,
@@ -49,20 +91,15 @@ def multi_similarity_loss(
         Scalar loss, the sum over the anchors with mined pairs divided by ``B``.
     """
     labels = _pairs.flat_labels(labels)
-    sim = _pairs.cosine_similarity_matrix(embeddings)
-    pos = _pairs.positive_mask(labels)
-    neg = _pairs.negative_mask(labels)
-    if epsilon is not None:
-        plain = tf.stop_gradient(sim)
-        min_pos = tf.reduce_min(tf.where(pos, plain, tf.fill(tf.shape(plain), plain.dtype.max)), axis=1)
-        max_neg = tf.reduce_max(tf.where(neg, plain, tf.fill(tf.shape(plain), plain.dtype.min)), axis=1)
-        neg = tf.logical_and(neg, plain + epsilon > min_pos[:, None])
-        pos = tf.logical_and(pos, plain - epsilon < max_neg[:, None])
-    pos_term = _pairs.masked_logsumexp(-alpha * (sim - base), pos, axis=1, add_one=True) / alpha
-    neg_term = _pairs.masked_logsumexp(beta * (sim - base), neg, axis=1, add_one=True) / beta
-    valid = tf.logical_and(tf.reduce_any(pos, axis=1), tf.reduce_any(neg, axis=1))
-    per_anchor = tf.where(valid, pos_term + neg_term, tf.zeros_like(pos_term))
-    return tf.reduce_sum(per_anchor) / tf.cast(tf.shape(sim)[0], tf.float32)
+    return multi_similarity_loss_from_masks(
+        _pairs.cosine_similarity_matrix(embeddings),
+        _pairs.positive_mask(labels),
+        _pairs.negative_mask(labels),
+        alpha=alpha,
+        beta=beta,
+        base=base,
+        epsilon=epsilon,
+    )
 
 
 @keras.saving.register_keras_serializable(package="detreg_keras")

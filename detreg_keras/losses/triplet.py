@@ -36,6 +36,22 @@ from detreg_keras.losses.base import DMLLoss
 MINING_STRATEGIES = ("all", "hard", "semihard")
 
 
+def check_mining(mining: str) -> str:
+    """``mining`` when it is one of :data:`MINING_STRATEGIES`.
+
+    Raises:
+        ValueError: any other value (the message lists the strategies).
+    """
+    if mining not in MINING_STRATEGIES:
+        raise ValueError(f"mining must be one of {MINING_STRATEGIES}, got {mining!r}.")
+    return str(mining)
+
+
+def triplet_hyper(margin: float, mining: str, squared: bool) -> dict:
+    """The checked, typed ``margin`` / ``mining`` / ``squared`` hyper-parameters of a triplet-loss layer."""
+    return {"margin": float(margin), "mining": check_mining(mining), "squared": bool(squared)}
+
+
 def triplet_loss_from_masks(
     dist: tf.Tensor,
     pos_mask: tf.Tensor,
@@ -65,8 +81,7 @@ def triplet_loss_from_masks(
     Returns:
         Scalar loss (0 when no valid triplet exists).
     """
-    if mining not in MINING_STRATEGIES:
-        raise ValueError(f"mining must be one of {MINING_STRATEGIES}, got {mining!r}.")
+    check_mining(mining)
     pos_mask = tf.cast(pos_mask, tf.bool)
     neg_mask = tf.cast(neg_mask, tf.bool)
     if mining == "all":
@@ -113,6 +128,7 @@ def triplet_margin_loss(
     margin: float = 0.2,
     mining: str = "all",
     squared: bool = False,
+    triplet_penalty: tf.Tensor | None = None,
 ) -> tf.Tensor:
     """Triplet margin loss of a batch (see the module docstring).
 
@@ -122,6 +138,8 @@ def triplet_margin_loss(
         margin: ``m`` (FaceNet: 0.2).
         mining: ``"all"`` (batch-all), ``"hard"`` (batch-hard) or ``"semihard"`` (FaceNet).
         squared: use squared distances (FaceNet's formulation) instead of distances.
+        triplet_penalty: optional ``[B, B, B]`` term added to the active mined triplets,
+            as in :func:`triplet_loss_from_masks` (direction regularisation passes one).
 
     Returns:
         Scalar loss (0 when the batch holds no valid triplet).
@@ -132,7 +150,12 @@ def triplet_margin_loss(
     labels = _pairs.flat_labels(labels)
     dist = _pairs.pairwise_distance(embeddings, squared=squared)
     return triplet_loss_from_masks(
-        dist, _pairs.positive_mask(labels), _pairs.negative_mask(labels), margin=margin, mining=mining
+        dist,
+        _pairs.positive_mask(labels),
+        _pairs.negative_mask(labels),
+        margin=margin,
+        mining=mining,
+        triplet_penalty=triplet_penalty,
     )
 
 
@@ -161,7 +184,5 @@ class TripletMarginLoss(DMLLoss):
         squared: bool = False,
         **kwargs,
     ):
-        if mining not in MINING_STRATEGIES:
-            raise ValueError(f"mining must be one of {MINING_STRATEGIES}, got {mining!r}.")
-        hyper = {"margin": float(margin), "mining": str(mining), "squared": bool(squared)}
+        hyper = triplet_hyper(margin, mining, squared)
         super().__init__(num_classes=num_classes, embedding_dim=embedding_dim, hyper=hyper, **kwargs)

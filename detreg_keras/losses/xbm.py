@@ -48,9 +48,9 @@ import tensorflow as tf
 
 from detreg_keras.losses import _pairs
 from detreg_keras.losses.base import DMLLoss
-from detreg_keras.losses.circle import CircleLoss
-from detreg_keras.losses.contrastive import ContrastiveLoss
-from detreg_keras.losses.multi_similarity import MultiSimilarityLoss
+from detreg_keras.losses.circle import CircleLoss, circle_loss_from_masks
+from detreg_keras.losses.contrastive import ContrastiveLoss, contrastive_loss_from_masks
+from detreg_keras.losses.multi_similarity import MultiSimilarityLoss, multi_similarity_loss_from_masks
 from detreg_keras.losses.triplet import TripletMarginLoss, triplet_loss_from_masks
 
 
@@ -93,41 +93,20 @@ def query_key_masks(
     return tf.logical_and(tf.logical_and(same, not_self), valid), tf.logical_and(tf.logical_not(same), valid)
 
 
-def _contrastive(queries, keys, pos, neg, pos_margin=0.0, neg_margin=1.0, power=1.0):
-    dist = cross_distance(queries, keys)
-    pos_loss, neg_loss = tf.nn.relu(dist - pos_margin), tf.nn.relu(neg_margin - dist)
-    if power != 1.0:
-        pos_loss, neg_loss = tf.pow(pos_loss, power), tf.pow(neg_loss, power)
-    return _pairs.mean_over_nonzero(pos_loss, pos) + _pairs.mean_over_nonzero(neg_loss, neg)
+def _contrastive(queries, keys, pos, neg, **hyper):
+    return contrastive_loss_from_masks(cross_distance(queries, keys), pos, neg, **hyper)
 
 
 def _triplet(queries, keys, pos, neg, margin=0.2, mining="all", squared=False):
     return triplet_loss_from_masks(cross_distance(queries, keys, squared), pos, neg, margin=margin, mining=mining)
 
 
-def _multi_similarity(queries, keys, pos, neg, alpha=2.0, beta=50.0, base=0.5, epsilon=0.1):
-    sim = cross_similarity(queries, keys)
-    if epsilon is not None:  # MS pair mining against the hardest key of the other kind
-        plain = tf.stop_gradient(sim)
-        min_pos = tf.reduce_min(tf.where(pos, plain, tf.fill(tf.shape(plain), plain.dtype.max)), axis=1)
-        max_neg = tf.reduce_max(tf.where(neg, plain, tf.fill(tf.shape(plain), plain.dtype.min)), axis=1)
-        neg = tf.logical_and(neg, plain + epsilon > min_pos[:, None])
-        pos = tf.logical_and(pos, plain - epsilon < max_neg[:, None])
-    pos_term = _pairs.masked_logsumexp(-alpha * (sim - base), pos, axis=1, add_one=True) / alpha
-    neg_term = _pairs.masked_logsumexp(beta * (sim - base), neg, axis=1, add_one=True) / beta
-    valid = tf.logical_and(tf.reduce_any(pos, axis=1), tf.reduce_any(neg, axis=1))
-    per_query = tf.where(valid, pos_term + neg_term, tf.zeros_like(pos_term))
-    return tf.reduce_sum(per_query) / tf.cast(tf.shape(sim)[0], tf.float32)
+def _multi_similarity(queries, keys, pos, neg, **hyper):
+    return multi_similarity_loss_from_masks(cross_similarity(queries, keys), pos, neg, **hyper)
 
 
-def _circle(queries, keys, pos, neg, margin=0.4, gamma=80.0):
-    sim = cross_similarity(queries, keys)
-    plain = tf.stop_gradient(sim)
-    logit_p = -gamma * tf.nn.relu(1.0 + margin - plain) * (sim - (1.0 - margin))
-    logit_n = gamma * tf.nn.relu(plain + margin) * (sim - margin)
-    lse = _pairs.masked_logsumexp(logit_p, pos, axis=1) + _pairs.masked_logsumexp(logit_n, neg, axis=1)
-    valid = tf.logical_and(tf.reduce_any(pos, axis=1), tf.reduce_any(neg, axis=1))
-    return _pairs.masked_mean(tf.nn.softplus(lse), valid)
+def _circle(queries, keys, pos, neg, **hyper):
+    return circle_loss_from_masks(cross_similarity(queries, keys), pos, neg, **hyper)
 
 
 class _Supported(NamedTuple):

@@ -241,8 +241,14 @@ def recall_at_k(
     return evaluate_embeddings(embeddings, labels, ks, metrics=("recall",), **options)
 
 
-def precision_at_1(embeddings: ArrayLike, labels: ArrayLike, **options) -> float:
-    """Precision@1 over the queries that have a same-class gallery item.
+def _single_metric(key: str, name: str, summary: str) -> Callable[..., float]:
+    """The shortcut ``name(embeddings, labels, **options)`` of :func:`evaluate_embeddings`'s metric ``key``."""
+
+    def metric(embeddings: ArrayLike, labels: ArrayLike, **options) -> float:
+        return _one_metric(key, embeddings, labels, options)
+
+    metric.__name__ = metric.__qualname__ = name
+    metric.__doc__ = f"""{summary}
 
     Args:
         embeddings: [N, D] embeddings (the gallery in query/gallery mode).
@@ -250,37 +256,20 @@ def precision_at_1(embeddings: ArrayLike, labels: ArrayLike, **options) -> float
         **options: the keyword options of :func:`evaluate_embeddings`.
 
     Returns:
-        Precision@1 in [0, 1].
+        {key} in [0, 1].
     """
-    return _one_metric("precision@1", embeddings, labels, options)
+    return metric
 
 
-def r_precision(embeddings: ArrayLike, labels: ArrayLike, **options) -> float:
-    """R-Precision (Musgrave et al. 2020), R capped at ``max_r`` (an option, default 1000).
-
-    Args:
-        embeddings: [N, D] embeddings (the gallery in query/gallery mode).
-        labels: [N] class ids.
-        **options: the keyword options of :func:`evaluate_embeddings`.
-
-    Returns:
-        R-Precision in [0, 1].
-    """
-    return _one_metric("r_precision", embeddings, labels, options)
-
-
-def map_at_r(embeddings: ArrayLike, labels: ArrayLike, **options) -> float:
-    """MAP@R (Musgrave et al. 2020), R capped at ``max_r`` (an option, default 1000).
-
-    Args:
-        embeddings: [N, D] embeddings (the gallery in query/gallery mode).
-        labels: [N] class ids.
-        **options: the keyword options of :func:`evaluate_embeddings`.
-
-    Returns:
-        MAP@R in [0, 1].
-    """
-    return _one_metric("map@r", embeddings, labels, options)
+precision_at_1 = _single_metric(
+    "precision@1", "precision_at_1", "Precision@1 over the queries that have a same-class gallery item."
+)
+r_precision = _single_metric(
+    "r_precision", "r_precision", "R-Precision (Musgrave et al. 2020), R capped at ``max_r`` (an option, default 1000)."
+)
+map_at_r = _single_metric(
+    "map@r", "map_at_r", "MAP@R (Musgrave et al. 2020), R capped at ``max_r`` (an option, default 1000)."
+)
 
 
 def recall_at_k_exact(

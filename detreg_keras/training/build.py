@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import keras
 
 from detreg_keras.backbones import build_backbone
@@ -10,8 +13,32 @@ from detreg_keras.optim import make_optimizer
 from detreg_keras.training.config import TrainConfig
 
 
-def build_model(cfg: TrainConfig, num_classes: int) -> DRegModel:
-    """The ``DRegModel`` described by ``cfg``."""
+def loss_config_of(cfg: TrainConfig, class_names: Sequence[str] | None = None) -> dict[str, Any] | None:
+    """``cfg.loss_config``, with the training class names added for ``loss="language_guidance"``.
+
+    Language guidance embeds the class names (in label order) unless the user
+    gave ``class_names`` or an array / mapping of ``class_embeddings`` already.
+
+    Raises:
+        ValueError: language guidance on a dataset that names no classes and no
+            ``class_embeddings`` array in ``loss_config``.
+    """
+    config = dict(cfg.loss_config or {})
+    if cfg.loss != "language_guidance" or "class_names" in config:
+        return cfg.loss_config
+    if not isinstance(config.get("class_embeddings", "hashed_ngram"), str):
+        return cfg.loss_config
+    if class_names is None:
+        raise ValueError(
+            f"loss='language_guidance' needs the class names of the training split, but dataset "
+            f"{cfg.dataset!r} gives none; pass them as loss_config['class_names'] (in label order) or "
+            "pass a [num_classes, dim] array as loss_config['class_embeddings']."
+        )
+    return {**config, "class_names": list(class_names)}
+
+
+def build_model(cfg: TrainConfig, num_classes: int, class_names: Sequence[str] | None = None) -> DRegModel:
+    """The ``DRegModel`` described by ``cfg`` (``class_names``: the training labels' names, for language guidance)."""
     backbone: keras.Model | str = cfg.backbone
     if cfg.backbone == "small_cnn":
         backbone = build_backbone(
@@ -33,7 +60,7 @@ def build_model(cfg: TrainConfig, num_classes: int) -> DRegModel:
         epsilon=cfg.epsilon,
         regularizer_form=cfg.regularizer_form,
         loss=cfg.loss,
-        loss_config=cfg.loss_config,
+        loss_config=loss_config_of(cfg, class_names),
         log_scale_bound=cfg.log_scale_bound,
         coupling_reduction=cfg.coupling_reduction,
         shift_bound=cfg.shift_bound,

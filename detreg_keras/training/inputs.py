@@ -26,7 +26,7 @@ from detreg_keras.data import (
     make_train_dataset,
 )
 from detreg_keras.data.registry import Source, source_labels
-from detreg_keras.data.sampling import Sampler
+from detreg_keras.data.sampling import Sampler, class_groups
 from detreg_keras.training.config import SAMPLERS, TrainConfig
 
 
@@ -137,6 +137,9 @@ def make_training_data(
 ) -> tuple[tf.data.Dataset, int]:
     """``(dataset, steps_per_epoch)`` of :func:`make_training_inputs`, for samplers that need no callback.
 
+    A thin alias kept for its callers: :func:`make_training_inputs` is the one
+    implementation (and the one way for new code); this only unpacks its result.
+
     Raises:
         ValueError: for an embedded sampler (its dataset needs the
             :class:`~detreg_keras.data.PoolEmbeddingRefresh` that only
@@ -199,11 +202,7 @@ def _index_sampler(
 def _steps_per_epoch(labels: np.ndarray, cfg: TrainConfig) -> int:
     """Batches per epoch of ``cfg.sampler`` over ``labels`` (a clear error for a batch it cannot fill)."""
     if cfg.sampler == "m_per_class":
-        if cfg.batch_size % cfg.samples_per_class:
-            raise ValueError(
-                f"batch_size={cfg.batch_size} must be a multiple of samples_per_class={cfg.samples_per_class}."
-            )
-        return m_per_class_steps(labels, cfg.batch_size // cfg.samples_per_class, cfg.samples_per_class)
+        return m_per_class_steps(labels, class_groups(cfg.batch_size, cfg.samples_per_class), cfg.samples_per_class)
     steps = len(labels) // cfg.batch_size
     if steps == 0:
         raise ValueError(f"batch_size={cfg.batch_size} is larger than the training set ({len(labels)} images).")

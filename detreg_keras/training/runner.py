@@ -24,7 +24,7 @@ from typing import Any
 import keras
 
 from detreg_keras.data import DecodeStats
-from detreg_keras.data.registry import DataSplits, Source, load_splits, source_labels
+from detreg_keras.data.registry import DataSplits, Source, load_splits, source_class_names, source_labels
 from detreg_keras.evaluation import RetrievalEvaluation, plot_recall_at_k
 from detreg_keras.training.build import build_model, make_run_optimizer
 from detreg_keras.training.callbacks import HistoryLog, PeriodicCheckpoint
@@ -97,7 +97,7 @@ def run_training(
               f"testing on {describe(splits.test)}", flush=True)  # fmt: skip
     run_dir = new_run_dir(cfg) if resume is None else Path(resume)
 
-    model = build_model(cfg, num_classes=int(train_labels.max()) + 1)
+    model = build_model(cfg, num_classes=int(train_labels.max()) + 1, class_names=source_class_names(splits.train))
     model.build((None, cfg.image_size, cfg.image_size, cfg.channels))  # BackupAndRestore needs a built model
     model.compile(optimizer=make_run_optimizer(cfg, steps_per_epoch))
     reference_rows = _saved_baselines(model, splits, cfg, run_dir) if baselines else {}

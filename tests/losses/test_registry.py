@@ -34,7 +34,10 @@ REQUIRED = (
     "margin",
     "proxy_gml",
     "triplet_dr",
+    "language_guidance",
 )
+#: Arguments a loss cannot do without (language guidance embeds the class names).
+REQUIRED_ARGS = {"language_guidance": {"class_names": [f"class {c}" for c in range(NUM_CLASSES)]}}
 PROXY_LOSSES = {
     "proxy_anchor",
     "proxy_nca",
@@ -69,6 +72,7 @@ NON_DEFAULT = {
     "cosface": {"margin": 0.2},
     "arcface": {"margin": 0.3},
     "proxy_anchor": {"alpha": 16.0},
+    "language_guidance": {"weight": 2.0, "temperature": 0.5, "loss": "triplet"},
 }
 
 
@@ -80,7 +84,7 @@ def test_required_names_are_registered():
 
 @pytest.mark.parametrize("name", sorted(losses.LOSSES))
 def test_get_builds_and_flags_proxies(name):
-    layer = losses.get(name, num_classes=NUM_CLASSES, embedding_dim=6)
+    layer = losses.get(name, num_classes=NUM_CLASSES, embedding_dim=6, **REQUIRED_ARGS.get(name, {}))
     assert isinstance(layer, DMLLoss)
     assert layer.metric_name != DMLLoss.metric_name
     assert layer.has_proxies == (name in PROXY_LOSSES)
@@ -92,7 +96,7 @@ def test_get_builds_and_flags_proxies(name):
 
 @pytest.mark.parametrize("name", sorted(losses.LOSSES))
 def test_config_round_trip_same_value_with_same_weights(name):
-    layer = losses.get(name, num_classes=NUM_CLASSES, embedding_dim=6, **NON_DEFAULT.get(name, {}))
+    layer = losses.get(name, num_classes=NUM_CLASSES, embedding_dim=6, **REQUIRED_ARGS.get(name, {}), **NON_DEFAULT.get(name, {}))
     config = layer.get_config()
     params = [
         p
@@ -114,7 +118,7 @@ def test_config_round_trip_same_value_with_same_weights(name):
 
 @pytest.mark.parametrize("name", sorted(losses.LOSSES))
 def test_tf_function_dynamic_batch_matches_eager(name):
-    layer = losses.get(name, num_classes=NUM_CLASSES, embedding_dim=6)
+    layer = losses.get(name, num_classes=NUM_CLASSES, embedding_dim=6, **REQUIRED_ARGS.get(name, {}))
     layer.build(None)
     x_a, y_a = BATCHES["mixed"]
     x_b = np.random.default_rng(5).normal(size=(6, 6)).astype(np.float32)
@@ -139,13 +143,13 @@ def test_tf_function_dynamic_batch_matches_eager(name):
 def test_degenerate_batches_have_finite_value_and_gradients(name, batch):
     x, y = BATCHES[batch]
     kwargs = {"simix": True, "seed": 0} if name == "recall_at_k" else {}
-    layer = losses.get(name, num_classes=NUM_CLASSES, embedding_dim=x.shape[1], **kwargs)
+    layer = losses.get(name, num_classes=NUM_CLASSES, embedding_dim=x.shape[1], **REQUIRED_ARGS.get(name, {}), **kwargs)
     variable = tf.Variable(x)
     with tf.GradientTape() as tape:
         loss = layer(variable, y)
     grads = tape.gradient(loss, [variable] + layer.trainable_weights)
     assert_all_finite(float(loss), [np.zeros(1) if g is None else g.numpy() for g in grads])
-    if batch == "singletons" and name not in PROXY_LOSSES | {"contrastive"}:
+    if batch == "singletons" and name not in PROXY_LOSSES | {"contrastive", "language_guidance"}:
         assert float(loss) == 0.0  # no positive pair: the pair-based losses contribute nothing
     if batch == "one_class" and name not in PROXY_LOSSES | {"contrastive", "npair", "recall_at_k"}:
         assert float(loss) == 0.0  # no negative pair (contrastive keeps its positive term,
@@ -170,7 +174,7 @@ def _constructor_params(cls) -> set[str]:
 @pytest.mark.parametrize("name", sorted(losses.LOSSES))
 def test_config_is_exactly_the_constructor_arguments(name):
     overrides = NON_DEFAULT.get(name, {})
-    layer = losses.get(name, num_classes=NUM_CLASSES, embedding_dim=6, **overrides)
+    layer = losses.get(name, num_classes=NUM_CLASSES, embedding_dim=6, **REQUIRED_ARGS.get(name, {}), **overrides)
     config = layer.get_config()
     assert set(config) - LAYER_KEYS == _constructor_params(type(layer))
     for key, value in overrides.items():  # the values given, not the defaults
@@ -181,7 +185,7 @@ def test_config_is_exactly_the_constructor_arguments(name):
 
 @pytest.mark.parametrize("name", sorted(losses.LOSSES))
 def test_bad_batches_raise_errors_naming_the_loss(name):
-    layer = losses.get(name, num_classes=NUM_CLASSES, embedding_dim=6)
+    layer = losses.get(name, num_classes=NUM_CLASSES, embedding_dim=6, **REQUIRED_ARGS.get(name, {}))
     owner = type(layer).__name__
     x, y = BATCHES["mixed"]
     with pytest.raises(ValueError, match=rf"{owner} got 10 embeddings but 9 labels"):
@@ -242,7 +246,7 @@ PROXY_INIT = {
 
 @pytest.mark.parametrize("name", sorted(PROXY_LOSSES))
 def test_proxies_are_initialised_as_the_official_code(name):
-    layer = losses.get(name, num_classes=NUM_CLASSES, embedding_dim=6)
+    layer = losses.get(name, num_classes=NUM_CLASSES, embedding_dim=6, **REQUIRED_ARGS.get(name, {}))
     kind, scale, rows = PROXY_INIT[name]
     init = layer.proxy_initializer()
     assert type(init).__name__ == kind
