@@ -55,6 +55,9 @@ def test_embedded_sampler_trains_and_refreshes_its_pool(tmp_path, recorded):
     assert refresh.store.version == 2 and len(refresh.durations) == 2
     version, pool = refresh.store.snapshot()
     assert pool.shape == (refresh.store.num_examples, 8) and np.isfinite(pool).all()
+    (row,) = read_history(result["run_dir"])  # history.jsonl records the refresh cost of the epoch
+    assert row["pool_refresh_s"] == pytest.approx(sum(refresh.durations), rel=1e-6)
+    assert row["epoch_seconds"] >= row["pool_refresh_s"] - refresh.durations[0]
 
 
 @pytest.mark.slow

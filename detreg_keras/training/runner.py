@@ -114,6 +114,8 @@ def run_training(
         *([val_callback] if val_callback else []),
         *_run_folder_callbacks(cfg, run_dir),
         *inputs.callbacks,  # after BackupAndRestore: a resumed run embeds its pool with the restored weights
+        # last: its row of history.jsonl gets the keys the others log (pool_refresh_s) and their time
+        HistoryLog(run_dir / "history.jsonl"),
     ]
     with warnings.catch_warnings():
         # Pipelines over records have no known length until their first epoch ends; Keras
@@ -183,9 +185,8 @@ def _validation_callback(
 
 
 def _run_folder_callbacks(cfg: TrainConfig, run_dir: Path) -> list[keras.callbacks.Callback]:
-    """history.jsonl, TensorBoard logs, checkpoint.keras and the backup/ of every epoch."""
+    """TensorBoard logs, checkpoint.keras and the backup/ of every epoch (history.jsonl comes last, in the runner)."""
     return [
-        HistoryLog(run_dir / "history.jsonl"),
         keras.callbacks.TensorBoard(log_dir=str(run_dir / "logs"), write_graph=False, profile_batch=0),
         PeriodicCheckpoint(run_dir / "checkpoint.keras", cfg.checkpoint_every),
         # Kept after the run until model.keras and metrics.json exist, so that an

@@ -4,7 +4,9 @@
 
 reads ``DIR/CELL_sSEED.json`` (written by ``run.py``) and prints a Markdown table: per cell R@1,
 MAP@R, their mean ± sd over the seeds, the difference to ``REFERENCE`` paired by seed (mean ± sd of
-the per-seed differences, the seeds where the cell is higher) and the mean seconds per epoch.
+the per-seed differences, the seeds where the cell is higher), the mean seconds per epoch after the first (``history.jsonl``;
+with the pool-refresh seconds where logged) and the mean training seconds of the whole run
+(``train_seconds``: every epoch, refreshes and callbacks included).
 """
 from __future__ import annotations
 
@@ -43,9 +45,11 @@ def row(name: str, runs: dict[int, dict], ref: dict[int, dict]) -> str:
     cost = f"{statistics.mean(epoch_s):.1f}" if epoch_s else "–"
     if refresh:
         cost += f" ({statistics.mean(refresh):.2f} refresh)"
+    train_s = [r["train_seconds"] for r in runs.values() if "train_seconds" in r]
+    total = f"{statistics.mean(train_s):.0f}" if train_s else "–"
     seeds = ",".join(str(s) for s in sorted(runs))
     return (f"| {name} | {seeds} | {mean_sd(r1)} | {mean_sd(mapr)} | {mean_sd(d1)} | {wins}/{len(paired)} "
-            f"| {mean_sd(dm)} | {cost} |")
+            f"| {mean_sd(dm)} | {cost} | {total} |")
 
 
 def main(argv: list[str]) -> int:
@@ -53,8 +57,8 @@ def main(argv: list[str]) -> int:
     cells = load(folder)
     if reference not in cells:
         raise SystemExit(f"no runs of the reference cell {reference!r} in {folder}")
-    print("| cell | seeds | R@1 | MAP@R | ΔR@1 (paired) | higher | ΔMAP@R (paired) | s/epoch |")
-    print("|:--|:--|--:|--:|--:|--:|--:|--:|")
+    print("| cell | seeds | R@1 | MAP@R | ΔR@1 (paired) | higher | ΔMAP@R (paired) | s/epoch | train s |")
+    print("|:--|:--|--:|--:|--:|--:|--:|--:|--:|")
     for name in names or sorted(cells):
         if name in cells:
             print(row(name, cells[name], cells[reference]))
