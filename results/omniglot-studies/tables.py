@@ -1,12 +1,14 @@
 """Tables of the Omniglot studies: mean ± sd over seeds and differences paired by seed.
 
     python results/omniglot-studies/tables.py results/omniglot-studies/test REFERENCE CELL [CELL ...]
+    python results/omniglot-studies/tables.py results/omniglot-studies/test --pairs BASE:OTHER [...]
 
 reads ``DIR/CELL_sSEED.json`` (written by ``run.py``) and prints a Markdown table: per cell R@1,
 MAP@R, their mean ± sd over the seeds, the difference to ``REFERENCE`` paired by seed (mean ± sd of
 the per-seed differences, the seeds where the cell is higher), the mean seconds per epoch after the first (``history.jsonl``;
 with the pool-refresh seconds where logged) and the mean training seconds of the whole run
-(``train_seconds``: every epoch, refreshes and callbacks included).
+(``train_seconds``: every epoch, refreshes and callbacks included). ``--pairs`` prints one row per
+``BASE:OTHER`` pair (e.g. a loss without and with DReg), differences paired by seed.
 """
 from __future__ import annotations
 
@@ -52,7 +54,29 @@ def row(name: str, runs: dict[int, dict], ref: dict[int, dict]) -> str:
             f"| {mean_sd(dm)} | {cost} | {total} |")
 
 
+def pair_row(cells: dict[str, dict[int, dict]], base: str, other: str) -> str:
+    """``other`` against ``base`` paired by seed: both means, the paired differences, both training times."""
+    a, b = cells[base], cells[other]
+    seeds = sorted(set(a) & set(b))
+    r1 = [[100 * c[s]["recall@1"] for s in seeds] for c in (a, b)]
+    mapr = [[100 * c[s]["map@r"] for s in seeds] for c in (a, b)]
+    d1 = [y - x for x, y in zip(*r1)]
+    dm = [y - x for x, y in zip(*mapr)]
+    secs = [statistics.mean(c[s]["train_seconds"] for s in seeds) for c in (a, b)]
+    return (f"| {base} → {other} | {len(seeds)} | {mean_sd(r1[0])} | {mean_sd(r1[1])} | {mean_sd(d1)} "
+            f"| {sum(d > 0 for d in d1)}/{len(seeds)} | {mean_sd(mapr[0])} | {mean_sd(mapr[1])} | {mean_sd(dm)} "
+            f"| {secs[0]:.0f} → {secs[1]:.0f} |")
+
+
 def main(argv: list[str]) -> int:
+    if len(argv) > 1 and argv[1] == "--pairs":  # tables.py DIR --pairs BASE:OTHER ...
+        cells = load(Path(argv[0]))
+        print("| cells | seeds | R@1 base | R@1 other | ΔR@1 (paired) | higher | MAP@R base | MAP@R other "
+              "| ΔMAP@R (paired) | train s |")
+        print("|:--|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+        for pair in argv[2:]:
+            print(pair_row(cells, *pair.split(":")))
+        return 0
     folder, reference, names = Path(argv[0]), argv[1], argv[2:] or None
     cells = load(folder)
     if reference not in cells:
